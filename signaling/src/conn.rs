@@ -1,0 +1,252 @@
+//! One WebSocket connection: a reader loop that owns the connection's state
+//! (pending → worker or client) and a writer task that drains its outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::hub::{ClientGuard, DeviceGuard, Hub, OUTBOX_CAPACITY, Outbound, Outbox, Reject};
+use crate::protocol::{ErrorCode, FromServer, ToServer, decode_to_server};
+
+/// Time allowed between connecting and the first `register`/`authenticate`.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The server pings this often.
+pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+/// A connection that sends nothing (not even a pong) for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Who the connection turned out to be.
+enum Role {
+    Pending,
+    Worker(DeviceGuard),
+    Client(ClientGuard),
+}
+
+/// Serves one upgraded socket until it closes or the server shuts down.
+pub async fn serve(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken) {
+    let (sink, mut stream) = socket.split();
+    let (outbox, queue) = mpsc::channel(OUTBOX_CAPACITY);
+    let writer = tokio::spawn(write_loop(sink, queue, shutdown.clone()));
+    let mut role = Role::Pending;
+    let mut deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    loop {
+        let frame = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            frame = timeout_at(deadline, stream.next()) => frame,
+        };
+        let text = match frame {
+            Err(_) if matches!(role, Role::Pending) => {
+                let _ = outbox.try_send(Outbound::Close(FromServer::error(
+                    ErrorCode::HandshakeTimeout,
+                    "no register or authenticate message in time",
+                )));
+                break;
+            }
+            Err(_) => {
+                tracing::debug!("closing idle connection");
+                break;
+            }
+            Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(Message::Binary(_)))) => {
+                reply(&outbox, Reject::unsupported_binary());
+                continue;
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {
+                extend_idle(&role, &mut deadline);
+                continue;
+            }
+        };
+        let message = match decode_to_server(&text) {
+            Ok(message) => message,
+            Err(err) => {
+                reply(&outbox, Reject { code: err.code, message: err.message });
+                continue;
+            }
+        };
+        let handled = match &mut role {
+            Role::Pending => handshake(&hub, &outbox, message, &mut role).await,
+            Role::Worker(device) => from_worker(device, message),
+            Role::Client(client) => from_client(client, &outbox, message).await,
+        };
+        match handled {
+            Ok(()) => {}
+            Err(reject) if reject.code.is_fatal() => {
+                let _ = outbox.try_send(Outbound::Close(reject.into_message()));
+                break;
+            }
+            Err(reject) => reply(&outbox, reject),
+        }
+        extend_idle(&role, &mut deadline);
+    }
+    // Routes go down before the writer finishes, so nobody routes to a dead
+    // outbox for long.
+    drop(role);
+    drop(outbox);
+    let _ = writer.await;
+}
+
+/// Any frame from an identified peer proves it alive; a pending one keeps
+/// its handshake deadline.
+fn extend_idle(role: &Role, deadline: &mut Instant) {
+    if !matches!(role, Role::Pending) {
+        *deadline = Instant::now() + IDLE_TIMEOUT;
+    }
+}
+
+impl Reject {
+    fn unsupported_binary() -> Self {
+        Reject {
+            code: ErrorCode::UnsupportedFrame,
+            message: "binary frames are not supported; send JSON text frames".into(),
+        }
+    }
+}
+
+fn reply(outbox: &Outbox, reject: Reject) {
+    // The connection's own queue is full only when its peer stopped reading;
+    // dropping the error is then the right thing.
+    let _ = outbox.try_send(Outbound::Message(reject.into_message()));
+}
+
+fn send(outbox: &Outbox, message: FromServer) {
+    let _ = outbox.try_send(Outbound::Message(message));
+}
+
+async fn handshake(hub: &Arc<Hub>, outbox: &Outbox, message: ToServer, role: &mut Role) -> Result<(), Reject> {
+    match message {
+        ToServer::Register {
+            secret,
+            device_id,
+            setup_token,
+            name,
+        } => {
+            let (guard, notice) = hub
+                .register(outbox.clone(), &secret, device_id.as_ref(), setup_token.as_ref(), name)
+                .await?;
+            tracing::info!(device_id = %guard.device_id, owner = ?guard.owner, "device registered");
+            if let Some(notice) = notice {
+                reply(outbox, notice);
+            }
+            send(
+                outbox,
+                FromServer::Registered {
+                    device_id: guard.device_id.clone(),
+                    owner: guard.owner.clone(),
+                },
+            );
+            *role = Role::Worker(guard);
+            Ok(())
+        }
+        ToServer::Authenticate { access_token } => {
+            let guard = hub.authenticate(outbox.clone(), &access_token)?;
+            tracing::info!(client_id = %guard.client_id, user_id = %guard.owner, "client authenticated");
+            send(
+                outbox,
+                FromServer::Authenticated {
+                    user_id: guard.owner.clone(),
+                    client_id: guard.client_id.clone(),
+                },
+            );
+            *role = Role::Client(guard);
+            Ok(())
+        }
+        _ => Err(Reject {
+            code: ErrorCode::NotAuthenticated,
+            message: "send register (workers) or authenticate (clients) first".into(),
+        }),
+    }
+}
+
+fn from_worker(device: &DeviceGuard, message: ToServer) -> Result<(), Reject> {
+    match message {
+        ToServer::SyncData {
+            payload,
+            client_id: Some(client_id),
+            ..
+        } => device.send_to_client(&client_id, payload),
+        ToServer::SyncData { client_id: None, .. } => Err(Reject {
+            code: ErrorCode::InvalidMessage,
+            message: "a worker's sync_data must name its client_id".into(),
+        }),
+        ToServer::Register { .. } | ToServer::Authenticate { .. } => Err(already()),
+        ToServer::ListDevices {} | ToServer::SelectDevice { .. } => Err(Reject {
+            code: ErrorCode::InvalidMessage,
+            message: "only clients list and select devices".into(),
+        }),
+    }
+}
+
+async fn from_client(client: &mut ClientGuard, outbox: &Outbox, message: ToServer) -> Result<(), Reject> {
+    match message {
+        ToServer::ListDevices {} => {
+            let devices = client.list_devices().await?;
+            send(outbox, FromServer::DeviceList { devices });
+            Ok(())
+        }
+        ToServer::SelectDevice { device_id } => {
+            client.select(device_id.clone()).await?;
+            send(outbox, FromServer::DeviceSelected { device_id });
+            Ok(())
+        }
+        ToServer::SyncData {
+            payload, device_id, ..
+        } => client.send_to_device(device_id, payload).await,
+        ToServer::Register { .. } | ToServer::Authenticate { .. } => Err(already()),
+    }
+}
+
+fn already() -> Reject {
+    Reject {
+        code: ErrorCode::AlreadyAuthenticated,
+        message: "this connection has already registered or authenticated".into(),
+    }
+}
+
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Outbound>,
+    shutdown: CancellationToken,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    loop {
+        let result = tokio::select! {
+            item = queue.recv() => match item {
+                Some(Outbound::Message(message)) => sink.send(encode(&message)).await,
+                Some(Outbound::Close(message)) => {
+                    let _ = sink.send(encode(&message)).await;
+                    break;
+                }
+                None => break,
+            },
+            _ = ping.tick() => sink.send(Message::Ping(Default::default())).await,
+            _ = shutdown.cancelled() => break,
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+    let _ = sink.send(Message::Close(None)).await;
+    let _ = sink.close().await;
+}
+
+fn encode(message: &FromServer) -> Message {
+    Message::Text(
+        serde_json::to_string(message)
+            .expect("server messages always serialize")
+            .into(),
+    )
+}
+
+/// Runs `serve` inside a span named after the peer address.
+pub async fn serve_logged(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken, peer: String) {
+    serve(hub, socket, shutdown)
+        .instrument(tracing::info_span!("ws", %peer))
+        .await
+}

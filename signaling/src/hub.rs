@@ -1,0 +1,469 @@
+//! The hub: who is connected, who owns what, and routing between them.
+//!
+//! Each connection owns an *outbox*, a bounded queue drained by its writer
+//! task. The hub keeps one outbox per online device and per authenticated
+//! client. Routing never waits on a receiver: when an outbox is full the
+//! message is dropped and the sender is told (`peer_backlogged`), so one slow
+//! reader cannot stall anyone else's connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::RngCore;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::auth::{TokenError, TokenKey, TokenKind};
+use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
+use crate::protocol::{
+    ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, UserId,
+};
+use crate::store::Store;
+
+/// Messages queued for one connection's writer.
+pub const OUTBOX_CAPACITY: usize = 256;
+
+/// What a connection's writer task is asked to do.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send this message.
+    Message(FromServer),
+    /// Send this (fatal) error, then close the socket.
+    Close(FromServer),
+}
+
+/// The sending half of a connection's outbox.
+pub type Outbox = mpsc::Sender<Outbound>;
+
+/// A refusal to send back to the peer as an `error` message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reject {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// What happened, for a human.
+    pub message: String,
+}
+
+impl Reject {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn internal(err: anyhow::Error) -> Self {
+        tracing::error!(err = format!("{err:#}"), "internal error");
+        Self::new(ErrorCode::Internal, "internal server error")
+    }
+
+    /// The reply to send.
+    pub fn into_message(self) -> FromServer {
+        FromServer::error(self.code, self.message)
+    }
+}
+
+impl From<TokenError> for Reject {
+    fn from(err: TokenError) -> Self {
+        let code = match err {
+            TokenError::Expired => ErrorCode::TokenExpired,
+            _ => ErrorCode::InvalidToken,
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+/// The spec's words for a device id that does not match its secret.
+pub const MISMATCH_MESSAGE: &str =
+    "Registration rejected - device_id does not match secret. Possible stolen secret attack.";
+
+struct DeviceRoute {
+    conn: u64,
+    owner: Option<UserId>,
+    outbox: Outbox,
+}
+
+struct ClientRoute {
+    owner: UserId,
+    outbox: Outbox,
+}
+
+#[derive(Default)]
+struct Routes {
+    devices: HashMap<DeviceId, DeviceRoute>,
+    clients: HashMap<ClientId, ClientRoute>,
+}
+
+/// Shared state of one signaling server.
+pub struct Hub {
+    routes: Mutex<Routes>,
+    next_conn: AtomicU64,
+    store: Store,
+    salt: Vec<u8>,
+    tokens: TokenKey,
+    /// In development mode, unclaimed devices are claimed by this owner.
+    dev_owner: Option<UserId>,
+}
+
+/// A registered device's hold on its route. Dropping it takes the route down,
+/// but only while the route is still this connection's: a replaced socket's
+/// late close never removes its successor.
+pub struct DeviceGuard {
+    hub: Arc<Hub>,
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its owner at registration.
+    pub owner: Option<UserId>,
+    conn: u64,
+}
+
+/// An authenticated client's hold on its route.
+pub struct ClientGuard {
+    hub: Arc<Hub>,
+    /// This connection's id.
+    pub client_id: ClientId,
+    /// The owner the client speaks for.
+    pub owner: UserId,
+    /// Devices this client sent data to; told when it leaves.
+    talked_to: Vec<DeviceId>,
+    /// Where `sync_data` without a `device_id` goes.
+    selected: Option<DeviceId>,
+}
+
+impl Hub {
+    /// A hub over a store, with the salt and token key it verifies with.
+    pub fn new(store: Store, salt: Vec<u8>, tokens: TokenKey, dev_owner: Option<UserId>) -> Self {
+        Self {
+            routes: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            store,
+            salt,
+            tokens,
+            dev_owner,
+        }
+    }
+
+    /// The key that signs and verifies tokens.
+    pub fn tokens(&self) -> &TokenKey {
+        &self.tokens
+    }
+
+    /// Online devices and clients, for `/health`.
+    pub fn counts(&self) -> (usize, usize) {
+        let routes = self.routes.lock().unwrap();
+        (routes.devices.len(), routes.clients.len())
+    }
+
+    /// Checks a worker's registration and puts its route up. Returns the
+    /// guard, the reply, and a notice about the setup token if it was refused.
+    pub async fn register(
+        self: &Arc<Self>,
+        outbox: Outbox,
+        secret: &Secret,
+        device_id: Option<&DeviceId>,
+        setup_token: Option<&Secret>,
+        name: Option<String>,
+    ) -> Result<(DeviceGuard, Option<Reject>), Reject> {
+        check_secret_strength(secret.expose()).map_err(|weak| {
+            Reject::new(ErrorCode::WeakSecret, format!("Registration rejected - {weak}"))
+        })?;
+        let expected = derive_device_id(&self.salt, secret);
+        match device_id {
+            Some(given) if !constant_time_eq(given.as_str(), expected.as_str()) => {
+                return Err(Reject::new(ErrorCode::DeviceIdMismatch, MISMATCH_MESSAGE));
+            }
+            Some(_) => self.store.upsert_seen(&expected, name).await.map_err(Reject::internal)?,
+            None => {
+                let fresh = self.store.insert_new(&expected, name).await.map_err(Reject::internal)?;
+                if !fresh {
+                    return Err(Reject::new(
+                        ErrorCode::DeviceIdRequired,
+                        "Registration rejected - this device is already registered; \
+                         reconnect with the device_id saved at its first registration",
+                    ));
+                }
+            }
+        }
+        let (owner, notice) = self.settle_owner(&expected, setup_token).await?;
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let replaced = {
+            let mut routes = self.routes.lock().unwrap();
+            let old = routes.devices.insert(
+                expected.clone(),
+                DeviceRoute {
+                    conn,
+                    owner: owner.clone(),
+                    outbox,
+                },
+            );
+            if let Some(owner) = &owner {
+                broadcast_status(&routes, owner, &expected, true);
+            }
+            old
+        };
+        if let Some(old) = replaced {
+            tracing::info!(device_id = %expected, "registration replaced an older connection");
+            let _ = old.outbox.try_send(Outbound::Close(FromServer::error(
+                ErrorCode::Replaced,
+                "a newer registration of this device took over",
+            )));
+        }
+        let guard = DeviceGuard {
+            hub: self.clone(),
+            device_id: expected,
+            owner,
+            conn,
+        };
+        Ok((guard, notice))
+    }
+
+    /// Claims the device with the setup token (or for the development owner)
+    /// and returns its owner. A bad setup token does not fail the
+    /// registration: a worker keeps its token in its environment long after
+    /// the claim, when the token has expired.
+    async fn settle_owner(
+        &self,
+        device_id: &DeviceId,
+        setup_token: Option<&Secret>,
+    ) -> Result<(Option<UserId>, Option<Reject>), Reject> {
+        let mut notice = None;
+        let claimant = match setup_token.map(|t| self.tokens.verify(t.expose(), TokenKind::Setup)) {
+            Some(Ok(claims)) => Some(claims.sub),
+            Some(Err(err)) => {
+                let reject = Reject::from(err);
+                notice = Some(Reject::new(
+                    reject.code,
+                    format!("setup token refused ({}); the device was not claimed", reject.message),
+                ));
+                None
+            }
+            None => None,
+        };
+        let Some(claimant) = claimant.or_else(|| self.dev_owner.clone()) else {
+            let record = self.store.get(device_id).await.map_err(Reject::internal)?;
+            return Ok((record.and_then(|r| r.owner), notice));
+        };
+        let owner = self.store.claim(device_id, &claimant).await.map_err(Reject::internal)?;
+        if setup_token.is_some() && notice.is_none() && owner.as_ref() != Some(&claimant) {
+            notice = Some(Reject::new(
+                ErrorCode::AccessDenied,
+                "the device is already claimed by another owner; the setup token was not used",
+            ));
+        }
+        Ok((owner, notice))
+    }
+
+    /// Checks a client's access token and puts its route up.
+    pub fn authenticate(self: &Arc<Self>, outbox: Outbox, token: &Secret) -> Result<ClientGuard, Reject> {
+        let claims = self.tokens.verify(token.expose(), TokenKind::Access)?;
+        let mut bytes = [0u8; 12];
+        rand::rng().fill_bytes(&mut bytes);
+        let client_id = ClientId::new(format!(
+            "c-{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ));
+        self.routes.lock().unwrap().clients.insert(
+            client_id.clone(),
+            ClientRoute {
+                owner: claims.sub.clone(),
+                outbox,
+            },
+        );
+        Ok(ClientGuard {
+            hub: self.clone(),
+            client_id,
+            owner: claims.sub,
+            talked_to: Vec::new(),
+            selected: None,
+        })
+    }
+
+    /// The owner's devices with their online status.
+    pub async fn list_devices(&self, owner: &UserId) -> Result<Vec<DeviceInfo>, Reject> {
+        let records = self.store.list_owned(owner).await.map_err(Reject::internal)?;
+        let routes = self.routes.lock().unwrap();
+        Ok(records
+            .into_iter()
+            .map(|r| DeviceInfo {
+                online: routes.devices.contains_key(&r.device_id),
+                device_id: r.device_id,
+                name: r.name,
+                last_seen: r.last_seen,
+            })
+            .collect())
+    }
+
+    /// The outbox of a device the caller owns, or why it cannot be reached.
+    /// Devices of other owners and unknown devices look the same.
+    async fn owned_device_outbox(&self, owner: &UserId, device_id: &DeviceId) -> Result<Outbox, Reject> {
+        let online = {
+            let routes = self.routes.lock().unwrap();
+            routes
+                .devices
+                .get(device_id)
+                .map(|route| (route.owner.as_ref() == Some(owner), route.outbox.clone()))
+        };
+        match online {
+            Some((true, outbox)) => Ok(outbox),
+            Some((false, _)) => Err(access_denied(device_id)),
+            None => {
+                let record = self.store.get(device_id).await.map_err(Reject::internal)?;
+                if record.and_then(|r| r.owner).as_ref() == Some(owner) {
+                    Err(Reject::new(
+                        ErrorCode::DeviceOffline,
+                        format!("device {device_id} is offline"),
+                    ))
+                } else {
+                    Err(access_denied(device_id))
+                }
+            }
+        }
+    }
+
+    /// The only online device of `owner`, if there is exactly one.
+    fn sole_online_device(&self, owner: &UserId) -> Option<DeviceId> {
+        let routes = self.routes.lock().unwrap();
+        let mut owned = routes
+            .devices
+            .iter()
+            .filter(|(_, route)| route.owner.as_ref() == Some(owner))
+            .map(|(id, _)| id);
+        match (owned.next(), owned.next()) {
+            (Some(id), None) => Some(id.clone()),
+            _ => None,
+        }
+    }
+
+    fn client_outbox(&self, client_id: &ClientId, owner: Option<&UserId>) -> Option<Outbox> {
+        let routes = self.routes.lock().unwrap();
+        routes
+            .clients
+            .get(client_id)
+            .filter(|route| Some(&route.owner) == owner)
+            .map(|route| route.outbox.clone())
+    }
+}
+
+fn access_denied(device_id: &DeviceId) -> Reject {
+    Reject::new(
+        ErrorCode::AccessDenied,
+        format!("device {device_id} is not one of yours"),
+    )
+}
+
+fn broadcast_status(routes: &Routes, owner: &UserId, device_id: &DeviceId, online: bool) {
+    for client in routes.clients.values().filter(|c| &c.owner == owner) {
+        let _ = client.outbox.try_send(Outbound::Message(FromServer::DeviceStatus {
+            device_id: device_id.clone(),
+            online,
+        }));
+    }
+}
+
+/// Queues a message without waiting; a full queue is reported, not awaited.
+fn deliver(outbox: &Outbox, message: FromServer, gone: Reject) -> Result<(), Reject> {
+    outbox.try_send(Outbound::Message(message)).map_err(|err| match err {
+        mpsc::error::TrySendError::Full(_) => Reject::new(
+            ErrorCode::PeerBacklogged,
+            "the receiver is not keeping up; the message was dropped",
+        ),
+        mpsc::error::TrySendError::Closed(_) => gone,
+    })
+}
+
+impl DeviceGuard {
+    /// Sends a worker's `sync_data` to one client of the device's owner.
+    pub fn send_to_client(&self, client_id: &ClientId, payload: Value) -> Result<(), Reject> {
+        let gone = || Reject::new(ErrorCode::ClientGone, format!("client {client_id} is not connected"));
+        let outbox = self
+            .hub
+            .client_outbox(client_id, self.owner.as_ref())
+            .ok_or_else(gone)?;
+        let message = FromServer::SyncData {
+            payload,
+            device_id: Some(self.device_id.clone()),
+            client_id: None,
+        };
+        deliver(&outbox, message, gone())
+    }
+}
+
+impl Drop for DeviceGuard {
+    fn drop(&mut self) {
+        let mut routes = self.hub.routes.lock().unwrap();
+        let ours = routes
+            .devices
+            .get(&self.device_id)
+            .is_some_and(|route| route.conn == self.conn);
+        if !ours {
+            return;
+        }
+        routes.devices.remove(&self.device_id);
+        if let Some(owner) = &self.owner {
+            broadcast_status(&routes, owner, &self.device_id, false);
+        }
+        drop(routes);
+        let store = self.hub.store.clone();
+        let device_id = self.device_id.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.touch(&device_id).await {
+                tracing::warn!(err = format!("{err:#}"), "cannot record last_seen");
+            }
+        });
+    }
+}
+
+impl ClientGuard {
+    /// Lists the owner's devices.
+    pub async fn list_devices(&self) -> Result<Vec<DeviceInfo>, Reject> {
+        self.hub.list_devices(&self.owner).await
+    }
+
+    /// Makes `device_id` the target of `sync_data` without a `device_id`.
+    pub async fn select(&mut self, device_id: DeviceId) -> Result<(), Reject> {
+        self.hub.owned_device_outbox(&self.owner, &device_id).await?;
+        self.selected = Some(device_id);
+        Ok(())
+    }
+
+    /// Sends a client's `sync_data` to a device it owns: the one named, else
+    /// the selected one, else its only online device.
+    pub async fn send_to_device(&mut self, device_id: Option<DeviceId>, payload: Value) -> Result<(), Reject> {
+        let device_id = device_id
+            .or_else(|| self.selected.clone())
+            .or_else(|| self.hub.sole_online_device(&self.owner))
+            .ok_or_else(|| {
+                Reject::new(
+                    ErrorCode::NoTarget,
+                    "no device addressed: set device_id, or select_device first",
+                )
+            })?;
+        let outbox = self.hub.owned_device_outbox(&self.owner, &device_id).await?;
+        let message = FromServer::SyncData {
+            payload,
+            device_id: None,
+            client_id: Some(self.client_id.clone()),
+        };
+        let offline = Reject::new(ErrorCode::DeviceOffline, format!("device {device_id} is offline"));
+        deliver(&outbox, message, offline)?;
+        if !self.talked_to.contains(&device_id) {
+            self.talked_to.push(device_id);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        let mut routes = self.hub.routes.lock().unwrap();
+        routes.clients.remove(&self.client_id);
+        for device_id in &self.talked_to {
+            if let Some(route) = routes.devices.get(device_id) {
+                let _ = route.outbox.try_send(Outbound::Message(FromServer::ClientLeft {
+                    client_id: self.client_id.clone(),
+                }));
+            }
+        }
+    }
+}

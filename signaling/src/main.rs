@@ -1,0 +1,123 @@
+//! `cocoon-signaling`: serve, or mint tokens.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use cocoon_signaling::auth::TokenKind;
+use cocoon_signaling::protocol::UserId;
+use cocoon_signaling::{Config, Server, TlsFiles, default_data_dir, parse_duration, store};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "cocoon-signaling", version, about = "The cocoon signaling server")]
+struct Cli {
+    /// Where the salt, token key and device database are kept.
+    #[arg(long, env = "SIGNALING_DATA_DIR", global = true, default_value_os_t = default_data_dir("signaling"))]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Mint a token signed with this server's key (same --data-dir).
+    Token {
+        /// `access` for clients, `setup` to claim workers.
+        kind: Kind,
+        /// The owner the token speaks for.
+        #[arg(long)]
+        owner: String,
+        /// How long it is valid: 90s, 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Kind {
+    Access,
+    Setup,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 8080)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, env = "SIGNALING_HOST", default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// Salt for device ids; generated and saved in the data dir when unset.
+    #[arg(long, env = "HMAC_SALT", hide_env_values = true)]
+    hmac_salt: Option<String>,
+    /// TLS certificate chain (PEM); serves wss:// with --tls-key.
+    #[arg(long, env = "SIGNALING_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "SIGNALING_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Browser origins allowed to open /ws besides the server's own.
+    #[arg(long = "allowed-origin", env = "SIGNALING_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+    /// Development mode: loopback only; unclaimed devices belong to this owner.
+    #[arg(long, value_name = "OWNER")]
+    dev: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.data_dir, cli.serve).await,
+        Command::Token { kind, owner, ttl } => {
+            cocoon_signaling::files::ensure_writable_dir(&cli.data_dir, "data dir")?;
+            let key = store::load_token_key(&cli.data_dir)?;
+            let kind = match kind {
+                Kind::Access => TokenKind::Access,
+                Kind::Setup => TokenKind::Setup,
+            };
+            println!("{}", key.mint(kind, &UserId::new(owner), ttl));
+            Ok(())
+        }
+    }
+}
+
+async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::new(SocketAddr::new(args.host, args.port), data_dir);
+    config.hmac_salt = args.hmac_salt;
+    config.allowed_origins = args.allowed_origins;
+    config.dev_owner = args.dev.map(UserId::new);
+    config.tls = args
+        .tls_cert
+        .zip(args.tls_key)
+        .map(|(cert, key)| TlsFiles { cert, key });
+    let server = Server::bind(config).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    server.run(shutdown).await.context("server failed")
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

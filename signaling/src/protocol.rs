@@ -1,0 +1,393 @@
+//! The wire protocol of the signaling WebSocket (`/ws`), defined once for the
+//! server, the worker and every client.
+//!
+//! Every message is one JSON text frame: an object whose `type` field names the
+//! variant. [`ToServer`] is what workers and clients send, [`FromServer`] what
+//! the server sends back. `sync_data` carries an opaque `payload` between a
+//! client and a device; the server routes it without looking inside.
+//!
+//! `docs/PROTOCOL.md` is the reference for implementers; its examples are
+//! checked against these types by `signaling/tests/protocol_doc.rs`.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Largest text frame the server accepts; bigger ones get `message_too_large`.
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Wraps a string without checking it.
+            pub fn new(id: impl Into<String>) -> Self {
+                Self(id.into())
+            }
+
+            /// The id as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+    };
+}
+
+string_id!(
+    /// A device's identity: lowercase hex HMAC-SHA256 of its secret, keyed by
+    /// the server's salt.
+    DeviceId
+);
+string_id!(
+    /// One client connection, assigned by the server when it authenticates.
+    /// Workers address their replies with it.
+    ClientId
+);
+string_id!(
+    /// The owner of devices: the `sub` of an access or setup token.
+    UserId
+);
+
+/// A secret string: a device secret or a token. Its `Debug` never shows the
+/// value, so it cannot leak into a log line by accident.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret string.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself. Call sites are the few places that need it: hashing,
+    /// strength checks, writing the secret file.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Messages that workers and clients send to the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToServer {
+    /// A worker announces itself. The first message of a worker connection.
+    Register {
+        /// The device secret; the server derives the device id from it.
+        secret: Secret,
+        /// The id from the previous registration; required once the server
+        /// knows the device.
+        #[serde(default)]
+        device_id: Option<DeviceId>,
+        /// A setup token that claims the device for its owner.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        setup_token: Option<Secret>,
+        /// A human-readable name shown in device lists.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// A client proves who it is. The first message of a client connection.
+    Authenticate {
+        /// An access token minted by `cocoon-signaling token access`.
+        access_token: Secret,
+    },
+    /// A client asks for its devices.
+    ListDevices {},
+    /// A client picks the device that `sync_data` without `device_id` goes to.
+    SelectDevice {
+        /// The device to select.
+        device_id: DeviceId,
+    },
+    /// Opaque data between a client and a device.
+    SyncData {
+        /// Anything; routed untouched.
+        payload: Value,
+        /// From a client: the target device (else the selected one).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<DeviceId>,
+        /// From a worker: the client the payload goes to.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<ClientId>,
+    },
+}
+
+/// Messages that the server sends to workers and clients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromServer {
+    /// The worker's registration was accepted.
+    Registered {
+        /// The device's id, to be stored and sent on every later registration.
+        device_id: DeviceId,
+        /// Who owns the device, once it is claimed.
+        #[serde(default)]
+        owner: Option<UserId>,
+    },
+    /// The client's token was accepted.
+    Authenticated {
+        /// The owner the token speaks for.
+        user_id: UserId,
+        /// This connection's id.
+        client_id: ClientId,
+    },
+    /// Reply to `list_devices`.
+    DeviceList {
+        /// The caller's devices, online or not.
+        devices: Vec<DeviceInfo>,
+    },
+    /// Reply to `select_device`.
+    DeviceSelected {
+        /// The device now selected.
+        device_id: DeviceId,
+    },
+    /// One of the client's devices came online or went offline.
+    DeviceStatus {
+        /// The device.
+        device_id: DeviceId,
+        /// Whether it is connected now.
+        online: bool,
+    },
+    /// Opaque data between a client and a device.
+    SyncData {
+        /// The payload, untouched.
+        payload: Value,
+        /// To a client: the device that sent it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<DeviceId>,
+        /// To a worker: the client that sent it (address replies with it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_id: Option<ClientId>,
+    },
+    /// To a worker: a client that sent it data has disconnected.
+    ClientLeft {
+        /// The client that left.
+        client_id: ClientId,
+    },
+    /// Something went wrong. The connection stays up unless the code says
+    /// otherwise (see [`ErrorCode::is_fatal`]).
+    Error {
+        /// A stable, machine-readable code.
+        code: ErrorCode,
+        /// A human-readable explanation.
+        message: String,
+    },
+}
+
+impl FromServer {
+    /// Shorthand for an [`FromServer::Error`].
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A device as seen by its owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceInfo {
+    /// The device's id.
+    pub device_id: DeviceId,
+    /// The name it registered with.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Whether it is connected now.
+    pub online: bool,
+    /// Unix seconds of its last registration or disconnect.
+    pub last_seen: u64,
+}
+
+/// The stable codes of [`FromServer::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame was not a JSON object with a string `type`.
+    InvalidJson,
+    /// The `type` is not one this server knows.
+    UnknownType,
+    /// The `type` is known but fields are missing, unknown or mistyped.
+    InvalidMessage,
+    /// The frame is larger than [`MAX_MESSAGE_BYTES`].
+    MessageTooLarge,
+    /// Binary frames are not part of this protocol version.
+    UnsupportedFrame,
+    /// The message needs a `register` or `authenticate` first.
+    NotAuthenticated,
+    /// `register` or `authenticate` on a connection that already did one.
+    AlreadyAuthenticated,
+    /// The secret breaks a strength rule (fatal).
+    WeakSecret,
+    /// The device id does not match the secret (fatal).
+    DeviceIdMismatch,
+    /// The server knows this device; it must present its device id (fatal).
+    DeviceIdRequired,
+    /// The token is malformed, forged or of the wrong kind.
+    InvalidToken,
+    /// The token has expired.
+    TokenExpired,
+    /// The caller does not own the device.
+    AccessDenied,
+    /// The device is not connected.
+    DeviceOffline,
+    /// The client addressed no device and has none selected.
+    NoTarget,
+    /// The client the worker addressed is gone.
+    ClientGone,
+    /// The receiver's queue is full; the message was dropped.
+    PeerBacklogged,
+    /// A newer registration of the same device took over (fatal).
+    Replaced,
+    /// The first message did not arrive in time (fatal).
+    HandshakeTimeout,
+    /// The server failed; try again.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether the server closes the connection after sending this error.
+    pub fn is_fatal(self) -> bool {
+        matches!(
+            self,
+            Self::WeakSecret
+                | Self::DeviceIdMismatch
+                | Self::DeviceIdRequired
+                | Self::Replaced
+                | Self::HandshakeTimeout
+        )
+    }
+}
+
+/// Why a text frame could not be decoded, as the error reply to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeError {
+    /// The code for the reply.
+    pub code: ErrorCode,
+    /// What was wrong, for a human.
+    pub message: String,
+}
+
+/// The `type` names [`ToServer`] accepts, used to tell an unknown message
+/// from a malformed known one.
+const TO_SERVER_TYPES: &[&str] = &[
+    "register",
+    "authenticate",
+    "list_devices",
+    "select_device",
+    "sync_data",
+];
+
+/// Decodes one text frame sent to the server, classifying failures.
+pub fn decode_to_server(text: &str) -> Result<ToServer, DecodeError> {
+    if text.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError {
+            code: ErrorCode::MessageTooLarge,
+            message: format!(
+                "message of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES} bytes",
+                text.len()
+            ),
+        });
+    }
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    let envelope: Envelope = serde_json::from_str(text).map_err(|err| DecodeError {
+        code: ErrorCode::InvalidJson,
+        message: format!("expected a JSON object with a string \"type\": {err}"),
+    })?;
+    if !TO_SERVER_TYPES.contains(&envelope.kind.as_ref()) {
+        return Err(DecodeError {
+            code: ErrorCode::UnknownType,
+            message: format!("unknown message type {:?}", envelope.kind),
+        });
+    }
+    serde_json::from_str(text).map_err(|err| DecodeError {
+        code: ErrorCode::InvalidMessage,
+        message: format!("invalid {:?} message: {err}", envelope.kind),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_to_server_type_is_listed() {
+        let samples = [
+            ToServer::Register {
+                secret: Secret::new("s"),
+                device_id: None,
+                setup_token: None,
+                name: None,
+            },
+            ToServer::Authenticate {
+                access_token: Secret::new("t"),
+            },
+            ToServer::ListDevices {},
+            ToServer::SelectDevice {
+                device_id: DeviceId::new("d"),
+            },
+            ToServer::SyncData {
+                payload: Value::Null,
+                device_id: None,
+                client_id: None,
+            },
+        ];
+        for sample in samples {
+            let text = serde_json::to_string(&sample).unwrap();
+            assert_eq!(decode_to_server(&text).unwrap(), sample, "{text}");
+        }
+    }
+
+    #[test]
+    fn classifies_bad_frames() {
+        let code = |text: &str| decode_to_server(text).unwrap_err().code;
+        assert_eq!(code("not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"type": 7}"#), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"type": "launch_missiles"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type": "authenticate"}"#), ErrorCode::InvalidMessage);
+        assert_eq!(
+            code(r#"{"type": "list_devices", "extra": 1}"#),
+            ErrorCode::InvalidMessage
+        );
+        let huge = format!(r#"{{"type":"sync_data","payload":"{}"}}"#, "x".repeat(MAX_MESSAGE_BYTES));
+        assert_eq!(code(&huge), ErrorCode::MessageTooLarge);
+    }
+
+    #[test]
+    fn secret_is_redacted_in_debug() {
+        let message = ToServer::Register {
+            secret: Secret::new("kX9mP2vR8nQ4sT6wY1zC3hF5jL7dN0bM9pK8gV4aS2="),
+            device_id: None,
+            setup_token: None,
+            name: None,
+        };
+        assert!(!format!("{message:?}").contains("kX9m"));
+    }
+}

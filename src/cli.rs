@@ -1,0 +1,72 @@
+//! The `cocoon` command line.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use cocoon_signaling::protocol::Secret;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Client;
+use crate::config::WorkerArgs;
+use crate::up::UpArgs;
+
+/// cocoon: terminals, command execution and HTTP access on remote machines.
+#[derive(Parser, Debug)]
+#[command(name = "cocoon", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a worker in the foreground.
+    Run(WorkerArgs),
+    /// Run a signaling server on loopback and a worker: cocoon on this machine.
+    Up(UpArgs),
+    /// List your devices.
+    Devices(ClientArgs),
+}
+
+/// How a client command reaches the signaling server.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Signaling server WebSocket URL.
+    #[arg(long, env = "SIGNALING_SERVER_URL", default_value = "ws://localhost:8080/ws")]
+    pub url: String,
+    /// Access token.
+    #[arg(long, env = "COCOON_ACCESS_TOKEN", hide_env_values = true, value_parser = |s: &str| Ok::<_, String>(Secret::new(s)))]
+    pub access_token: Secret,
+    /// Extra CA certificates (PEM) to trust for wss:// URLs.
+    #[arg(long, env = "COCOON_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Cli {
+    /// Runs the chosen command until it ends or `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        match self.command {
+            Command::Run(args) => crate::worker::run(args.into(), shutdown).await,
+            Command::Up(args) => crate::up::run(args, shutdown).await,
+            Command::Devices(args) => devices(args).await,
+        }
+    }
+}
+
+async fn devices(args: ClientArgs) -> anyhow::Result<()> {
+    let tls = crate::tls::client_config(args.ca_file.as_deref())?;
+    let mut client = Client::connect(&args.url, &args.access_token, tls).await?;
+    let devices = client.list_devices().await?;
+    if devices.is_empty() {
+        println!("no devices for {}", client.user_id);
+    }
+    for device in devices {
+        println!(
+            "{}  {:7}  {}",
+            device.device_id,
+            if device.online { "online" } else { "offline" },
+            device.name.as_deref().unwrap_or("-")
+        );
+    }
+    Ok(())
+}

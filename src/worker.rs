@@ -1,0 +1,294 @@
+//! The worker: keeps one registered connection to the signaling server,
+//! reconnecting with backoff, and hands client requests to the services.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cocoon_signaling::protocol::{ClientId, ErrorCode, FromServer, Secret, ToServer};
+use rand::Rng;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Services, WorkerArgs};
+use crate::identity::{Identity, check_data_dir, explain_mismatch};
+use crate::link::ws::WsLink;
+
+/// How long the worker waits for the server's answer to `register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// With no frame from the server (it pings every 20 s) for this long, the
+/// connection is presumed dead.
+const SERVER_SILENCE: Duration = Duration::from_secs(60);
+
+/// Everything the worker needs, resolved from flags, environment and defaults.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Signaling server URL.
+    pub url: String,
+    /// `COCOON_SECRET`, if set.
+    pub secret: Option<Secret>,
+    /// `COCOON_SETUP_TOKEN`, if set.
+    pub setup_token: Option<Secret>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Proxyable local services.
+    pub services: Services,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Extra trusted CA file for `wss://`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl From<WorkerArgs> for WorkerConfig {
+    fn from(args: WorkerArgs) -> Self {
+        Self {
+            url: args.url,
+            secret: args.secret,
+            setup_token: args.setup_token,
+            name: args.name,
+            services: args.services,
+            data_dir: args.data_dir,
+            ca_file: args.ca_file,
+        }
+    }
+}
+
+/// Why a connection ended.
+enum Ended {
+    /// Shutdown was requested.
+    Shutdown,
+    /// The registered connection dropped.
+    Lost,
+}
+
+/// Runs the worker until `shutdown` fires or the server refuses it for good.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    println!("🐛 Cocoon starting");
+    check_data_dir(&config.data_dir)?;
+    let mut identity = Identity::load(&config.data_dir, config.secret.clone())?;
+    let tls = crate::tls::client_config(config.ca_file.as_deref())?;
+    warn_if_plaintext(&config.url);
+    println!("🔗 Connecting to signaling server: {}", config.url);
+    let mut backoff = Backoff::default();
+    loop {
+        match connect_once(&config, &mut identity, tls.clone(), &shutdown).await {
+            Ok(Ended::Shutdown) => return Ok(()),
+            Ok(Ended::Lost) => {
+                // It had registered: the next failure starts from a short delay.
+                backoff.reset();
+                tracing::warn!("signaling connection lost");
+            }
+            Err(Failure::Fatal(err)) => return Err(err),
+            Err(Failure::Retry(err)) => tracing::warn!(err = format!("{err:#}"), "cannot reach the signaling server"),
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(?delay, "reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+enum Failure {
+    /// Retrying cannot help (the server refused the identity).
+    Fatal(anyhow::Error),
+    /// The network or the server failed; try again later.
+    Retry(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Self::Retry(err)
+    }
+}
+
+async fn connect_once(
+    config: &WorkerConfig,
+    identity: &mut Identity,
+    tls: Arc<rustls::ClientConfig>,
+    shutdown: &CancellationToken,
+) -> Result<Ended, Failure> {
+    let mut link = tokio::select! {
+        link = WsLink::connect(&config.url, tls) => link?,
+        _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
+    };
+    register(config, identity, &mut link).await?;
+    let mut last_heard = Instant::now();
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => {
+                link.close().await;
+                return Ok(Ended::Shutdown);
+            }
+            message = tokio::time::timeout_at(last_heard + SERVER_SILENCE, link.recv()) => message,
+        };
+        let Ok(message) = message else {
+            tracing::warn!("the signaling server went silent");
+            return Ok(Ended::Lost);
+        };
+        last_heard = Instant::now();
+        match message {
+            Ok(Some(message)) => handle(&mut link, message).await?,
+            Ok(None) => return Ok(Ended::Lost),
+            Err(err) => {
+                tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
+                return Ok(Ended::Lost);
+            }
+        }
+    }
+}
+
+/// Sends `register` and waits for `registered`, printing the spec's lines.
+async fn register(config: &WorkerConfig, identity: &mut Identity, link: &mut WsLink) -> Result<(), Failure> {
+    let reconnecting = identity.device_id.is_some();
+    if reconnecting {
+        println!("⏳ Reconnecting with device ID verification...");
+    } else {
+        println!("⏳ Waiting for derived device ID (first registration)...");
+    }
+    link.send(&ToServer::Register {
+        secret: identity.secret.clone(),
+        device_id: identity.device_id.clone(),
+        setup_token: config.setup_token.clone(),
+        name: config.name.clone(),
+    })
+    .await?;
+    let deadline = Instant::now() + REGISTER_TIMEOUT;
+    loop {
+        let reply = tokio::time::timeout_at(deadline, link.recv())
+            .await
+            .context("the server did not answer the registration in time")??;
+        match reply {
+            Some(FromServer::Registered { device_id, owner }) => {
+                println!("✅ Registration confirmed");
+                if reconnecting && identity.device_id.as_ref() == Some(&device_id) {
+                    println!("🆔 Device ID: {device_id} (verified - secret matches!)");
+                } else {
+                    println!("🆔 Device ID: {device_id} (HMAC-derived from secret)");
+                }
+                if let Some(owner) = owner {
+                    println!("👤 Claimed by: {owner}");
+                }
+                identity.confirm(device_id).map_err(Failure::Fatal)?;
+                return Ok(());
+            }
+            Some(FromServer::Error { code, message }) if code.is_fatal() => {
+                eprintln!("❌ {message}");
+                let err = match code {
+                    ErrorCode::DeviceIdMismatch => explain_mismatch(identity),
+                    _ => anyhow::anyhow!("registration rejected ({code:?}): {message}"),
+                };
+                return Err(Failure::Fatal(err));
+            }
+            Some(FromServer::Error { message, .. }) => {
+                println!("⚠️  {message}");
+            }
+            Some(other) => tracing::debug!(?other, "ignoring a message before registration"),
+            None => return Err(Failure::Retry(anyhow::anyhow!("the server closed the connection"))),
+        }
+    }
+}
+
+/// Handles one message from the server.
+async fn handle(link: &mut WsLink, message: FromServer) -> anyhow::Result<()> {
+    match message {
+        FromServer::SyncData {
+            payload,
+            client_id: Some(client_id),
+            ..
+        } => {
+            let reply = crate::services::unsupported(&payload);
+            send_to(link, client_id, reply).await
+        }
+        FromServer::ClientLeft { client_id } => {
+            tracing::debug!(%client_id, "client left");
+            Ok(())
+        }
+        FromServer::Error { code, message } => {
+            tracing::warn!(?code, %message, "error from the signaling server");
+            Ok(())
+        }
+        other => {
+            tracing::debug!(?other, "ignoring message");
+            Ok(())
+        }
+    }
+}
+
+async fn send_to(link: &mut WsLink, client_id: ClientId, payload: Value) -> anyhow::Result<()> {
+    link.send(&ToServer::SyncData {
+        payload,
+        device_id: None,
+        client_id: Some(client_id),
+    })
+    .await
+}
+
+/// Warns when the secret would cross a network unencrypted.
+fn warn_if_plaintext(url: &str) {
+    let Some(rest) = url.strip_prefix("ws://") else {
+        return;
+    };
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        tracing::warn!(
+            %url,
+            "⚠️  INSECURE: the device secret will be sent unencrypted over ws:// to a remote host; use wss://"
+        );
+        eprintln!("⚠️  WARNING: {url} is plain ws:// to a non-loopback host: the device secret travels unencrypted. Use wss://.");
+    }
+}
+
+/// Exponential backoff with jitter: 0.5 s doubling to 15 s, each delay drawn
+/// from its upper half so a fleet does not reconnect in lockstep.
+#[derive(Debug, Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(15);
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = BACKOFF_BASE
+            .saturating_mul(1 << self.attempt.min(10))
+            .min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        let half = ceiling / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let mut backoff = Backoff::default();
+        let first = backoff.next_delay();
+        assert!(first >= BACKOFF_BASE / 2 && first <= BACKOFF_BASE);
+        for _ in 0..20 {
+            assert!(backoff.next_delay() <= BACKOFF_MAX);
+        }
+        assert!(backoff.next_delay() >= BACKOFF_MAX / 2);
+        backoff.reset();
+        assert!(backoff.next_delay() <= BACKOFF_BASE);
+    }
+}
