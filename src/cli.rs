@@ -32,7 +32,11 @@ enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientArgs {
     /// Signaling server WebSocket URL.
-    #[arg(long, env = "SIGNALING_SERVER_URL", default_value = "ws://localhost:8080/ws")]
+    #[arg(
+        long,
+        env = "SIGNALING_SERVER_URL",
+        default_value = "ws://localhost:8080/ws"
+    )]
     pub url: String,
     /// Access token.
     #[arg(long, env = "COCOON_ACCESS_TOKEN", hide_env_values = true, value_parser = |s: &str| Ok::<_, String>(Secret::new(s)))]

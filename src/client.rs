@@ -44,7 +44,11 @@ pub struct Client {
 
 impl Client {
     /// Connects and authenticates with an access token.
-    pub async fn connect(url: &str, token: &Secret, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        url: &str,
+        token: &Secret,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<Self> {
         let mut link = WsLink::connect(url, tls).await?;
         link.send(&ToServer::Authenticate {
             access_token: token.clone(),
@@ -73,7 +77,11 @@ impl Client {
     }
 
     /// Sends a payload to a device (`None`: the selected or only device).
-    pub async fn send(&mut self, device_id: Option<&DeviceId>, payload: Value) -> anyhow::Result<()> {
+    pub async fn send(
+        &mut self,
+        device_id: Option<&DeviceId>,
+        payload: Value,
+    ) -> anyhow::Result<()> {
         self.link
             .send(&ToServer::SyncData {
                 payload,

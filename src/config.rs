@@ -12,7 +12,11 @@ pub const DEFAULT_ICE_SERVERS: &str = "stun:stun.l.google.com:19302";
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerArgs {
     /// Signaling server WebSocket URL.
-    #[arg(long, env = "SIGNALING_SERVER_URL", default_value = "ws://localhost:8080/ws")]
+    #[arg(
+        long,
+        env = "SIGNALING_SERVER_URL",
+        default_value = "ws://localhost:8080/ws"
+    )]
     pub url: String,
     /// Secret for a persistent device id (else <data-dir>/.secret). Prefer the
     /// environment variable: flags show in process lists.
@@ -98,7 +102,15 @@ mod tests {
             ]))
         );
         assert_eq!(parse_services(""), Ok(Services::default()));
-        for bad in ["api", "api:http", "api:0", "api:70000", ":80", "a b:80", "x:1,x:2"] {
+        for bad in [
+            "api",
+            "api:http",
+            "api:0",
+            "api:70000",
+            ":80",
+            "a b:80",
+            "x:1,x:2",
+        ] {
             let err = parse_services(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");
         }

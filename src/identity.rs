@@ -63,7 +63,10 @@ impl Identity {
                 .map(DeviceId::new),
         };
         if device_id.is_some() {
-            println!("📱 Loaded existing device ID from {}", device_id_path.display());
+            println!(
+                "📱 Loaded existing device ID from {}",
+                device_id_path.display()
+            );
         }
         Ok(Self {
             secret,
@@ -111,7 +114,10 @@ fn load_or_generate(path: &Path) -> anyhow::Result<(Secret, SecretSource)> {
         GENERATED_SECRET_LEN * 6
     );
     write_private(path, secret.expose().as_bytes())?;
-    println!("💾 Saved secret to {} for persistent sessions", path.display());
+    println!(
+        "💾 Saved secret to {} for persistent sessions",
+        path.display()
+    );
     Ok((secret, SecretSource::Generated))
 }
 
@@ -165,7 +171,13 @@ mod tests {
     fn weak_configured_secret_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let err = Identity::load(dir.path(), Some(Secret::new("password"))).unwrap_err();
-        assert!(err.to_string().contains("COCOON_SECRET is too weak"), "{err}");
-        assert!(!err.to_string().contains("password\""), "the secret itself is not echoed");
+        assert!(
+            err.to_string().contains("COCOON_SECRET is too weak"),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains("password\""),
+            "the secret itself is not echoed"
+        );
     }
 }

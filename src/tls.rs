@@ -22,7 +22,11 @@ pub fn client_config(ca_file: Option<&Path>) -> anyhow::Result<Arc<rustls::Clien
         let certs = CertificateDer::pem_file_iter(ca_file)
             .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
             .with_context(|| format!("cannot read CA certificates from {}", ca_file.display()))?;
-        anyhow::ensure!(!certs.is_empty(), "{} holds no PEM certificate", ca_file.display());
+        anyhow::ensure!(
+            !certs.is_empty(),
+            "{} holds no PEM certificate",
+            ca_file.display()
+        );
         for cert in certs {
             roots
                 .add(cert)

@@ -81,7 +81,10 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
                 tracing::warn!("signaling connection lost");
             }
             Err(Failure::Fatal(err)) => return Err(err),
-            Err(Failure::Retry(err)) => tracing::warn!(err = format!("{err:#}"), "cannot reach the signaling server"),
+            Err(Failure::Retry(err)) => tracing::warn!(
+                err = format!("{err:#}"),
+                "cannot reach the signaling server"
+            ),
         }
         let delay = backoff.next_delay();
         tracing::info!(?delay, "reconnecting");
@@ -142,7 +145,11 @@ async fn connect_once(
 }
 
 /// Sends `register` and waits for `registered`, printing the spec's lines.
-async fn register(config: &WorkerConfig, identity: &mut Identity, link: &mut WsLink) -> Result<(), Failure> {
+async fn register(
+    config: &WorkerConfig,
+    identity: &mut Identity,
+    link: &mut WsLink,
+) -> Result<(), Failure> {
     let reconnecting = identity.device_id.is_some();
     if reconnecting {
         println!("⏳ Reconnecting with device ID verification...");
@@ -187,7 +194,11 @@ async fn register(config: &WorkerConfig, identity: &mut Identity, link: &mut WsL
                 println!("⚠️  {message}");
             }
             Some(other) => tracing::debug!(?other, "ignoring a message before registration"),
-            None => return Err(Failure::Retry(anyhow::anyhow!("the server closed the connection"))),
+            None => {
+                return Err(Failure::Retry(anyhow::anyhow!(
+                    "the server closed the connection"
+                )));
+            }
         }
     }
 }
@@ -229,25 +240,33 @@ async fn send_to(link: &mut WsLink, client_id: ClientId, payload: Value) -> anyh
 
 /// Warns when the secret would cross a network unencrypted.
 fn warn_if_plaintext(url: &str) {
+    if sends_secret_in_clear(url) {
+        tracing::warn!(%url, "INSECURE: plain ws:// to a remote host; use wss://");
+        eprintln!(
+            "⚠️  WARNING: {url} is plain ws:// to a non-loopback host: \
+             the device secret travels unencrypted. Use wss://."
+        );
+    }
+}
+
+/// Whether `url` is plain `ws://` to a host other than loopback.
+fn sends_secret_in_clear(url: &str) -> bool {
     let Some(rest) = url.strip_prefix("ws://") else {
-        return;
+        return false;
     };
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = match host.strip_prefix('[') {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
     };
-    let loopback = host == "localhost"
+    let loopback = host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        tracing::warn!(
-            %url,
-            "⚠️  INSECURE: the device secret will be sent unencrypted over ws:// to a remote host; use wss://"
-        );
-        eprintln!("⚠️  WARNING: {url} is plain ws:// to a non-loopback host: the device secret travels unencrypted. Use wss://.");
-    }
+    !loopback
 }
 
 /// Exponential backoff with jitter: 0.5 s doubling to 15 s, each delay drawn
@@ -278,6 +297,27 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plaintext_detection() {
+        for url in [
+            "ws://example.com/ws",
+            "ws://10.0.0.1:8080/ws",
+            "ws://[2001:db8::1]:80/ws",
+            "ws://127.0.0.1@evil/ws",
+        ] {
+            assert!(sends_secret_in_clear(url), "{url}");
+        }
+        for url in [
+            "wss://example.com/ws",
+            "ws://localhost:8080/ws",
+            "ws://127.0.0.1:1/ws",
+            "ws://127.9.9.9/ws",
+            "ws://[::1]:8080/ws",
+        ] {
+            assert!(!sends_secret_in_clear(url), "{url}");
+        }
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -207,7 +207,10 @@ mod tests {
             Err(TokenError::BadSignature)
         );
         for junk in ["", "a.b", "a.b.c.d", "!!.!!.!!"] {
-            assert_eq!(key().verify(junk, TokenKind::Access), Err(TokenError::Malformed));
+            assert_eq!(
+                key().verify(junk, TokenKind::Access),
+                Err(TokenError::Malformed)
+            );
         }
     }
 

@@ -66,7 +66,13 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken
         let message = match decode_to_server(&text) {
             Ok(message) => message,
             Err(err) => {
-                reply(&outbox, Reject { code: err.code, message: err.message });
+                reply(
+                    &outbox,
+                    Reject {
+                        code: err.code,
+                        message: err.message,
+                    },
+                );
                 continue;
             }
         };
@@ -119,7 +125,12 @@ fn send(outbox: &Outbox, message: FromServer) {
     let _ = outbox.try_send(Outbound::Message(message));
 }
 
-async fn handshake(hub: &Arc<Hub>, outbox: &Outbox, message: ToServer, role: &mut Role) -> Result<(), Reject> {
+async fn handshake(
+    hub: &Arc<Hub>,
+    outbox: &Outbox,
+    message: ToServer,
+    role: &mut Role,
+) -> Result<(), Reject> {
     match message {
         ToServer::Register {
             secret,
@@ -128,7 +139,13 @@ async fn handshake(hub: &Arc<Hub>, outbox: &Outbox, message: ToServer, role: &mu
             name,
         } => {
             let (guard, notice) = hub
-                .register(outbox.clone(), &secret, device_id.as_ref(), setup_token.as_ref(), name)
+                .register(
+                    outbox.clone(),
+                    &secret,
+                    device_id.as_ref(),
+                    setup_token.as_ref(),
+                    name,
+                )
                 .await?;
             tracing::info!(device_id = %guard.device_id, owner = ?guard.owner, "device registered");
             if let Some(notice) = notice {
@@ -171,7 +188,9 @@ fn from_worker(device: &DeviceGuard, message: ToServer) -> Result<(), Reject> {
             client_id: Some(client_id),
             ..
         } => device.send_to_client(&client_id, payload),
-        ToServer::SyncData { client_id: None, .. } => Err(Reject {
+        ToServer::SyncData {
+            client_id: None, ..
+        } => Err(Reject {
             code: ErrorCode::InvalidMessage,
             message: "a worker's sync_data must name its client_id".into(),
         }),
@@ -183,7 +202,11 @@ fn from_worker(device: &DeviceGuard, message: ToServer) -> Result<(), Reject> {
     }
 }
 
-async fn from_client(client: &mut ClientGuard, outbox: &Outbox, message: ToServer) -> Result<(), Reject> {
+async fn from_client(
+    client: &mut ClientGuard,
+    outbox: &Outbox,
+    message: ToServer,
+) -> Result<(), Reject> {
     match message {
         ToServer::ListDevices {} => {
             let devices = client.list_devices().await?;
@@ -245,7 +268,12 @@ fn encode(message: &FromServer) -> Message {
 }
 
 /// Runs `serve` inside a span named after the peer address.
-pub async fn serve_logged(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken, peer: String) {
+pub async fn serve_logged(
+    hub: Arc<Hub>,
+    socket: WebSocket,
+    shutdown: CancellationToken,
+    peer: String,
+) {
     serve(hub, socket, shutdown)
         .instrument(tracing::info_span!("ws", %peer))
         .await

@@ -16,9 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{TokenError, TokenKey, TokenKind};
 use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
-use crate::protocol::{
-    ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, UserId,
-};
+use crate::protocol::{ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, UserId};
 use crate::store::Store;
 
 /// Messages queued for one connection's writer.
@@ -166,16 +164,27 @@ impl Hub {
         name: Option<String>,
     ) -> Result<(DeviceGuard, Option<Reject>), Reject> {
         check_secret_strength(secret.expose()).map_err(|weak| {
-            Reject::new(ErrorCode::WeakSecret, format!("Registration rejected - {weak}"))
+            Reject::new(
+                ErrorCode::WeakSecret,
+                format!("Registration rejected - {weak}"),
+            )
         })?;
         let expected = derive_device_id(&self.salt, secret);
         match device_id {
             Some(given) if !constant_time_eq(given.as_str(), expected.as_str()) => {
                 return Err(Reject::new(ErrorCode::DeviceIdMismatch, MISMATCH_MESSAGE));
             }
-            Some(_) => self.store.upsert_seen(&expected, name).await.map_err(Reject::internal)?,
+            Some(_) => self
+                .store
+                .upsert_seen(&expected, name)
+                .await
+                .map_err(Reject::internal)?,
             None => {
-                let fresh = self.store.insert_new(&expected, name).await.map_err(Reject::internal)?;
+                let fresh = self
+                    .store
+                    .insert_new(&expected, name)
+                    .await
+                    .map_err(Reject::internal)?;
                 if !fresh {
                     return Err(Reject::new(
                         ErrorCode::DeviceIdRequired,
@@ -234,7 +243,10 @@ impl Hub {
                 let reject = Reject::from(err);
                 notice = Some(Reject::new(
                     reject.code,
-                    format!("setup token refused ({}); the device was not claimed", reject.message),
+                    format!(
+                        "setup token refused ({}); the device was not claimed",
+                        reject.message
+                    ),
                 ));
                 None
             }
@@ -244,7 +256,11 @@ impl Hub {
             let record = self.store.get(device_id).await.map_err(Reject::internal)?;
             return Ok((record.and_then(|r| r.owner), notice));
         };
-        let owner = self.store.claim(device_id, &claimant).await.map_err(Reject::internal)?;
+        let owner = self
+            .store
+            .claim(device_id, &claimant)
+            .await
+            .map_err(Reject::internal)?;
         if setup_token.is_some() && notice.is_none() && owner.as_ref() != Some(&claimant) {
             notice = Some(Reject::new(
                 ErrorCode::AccessDenied,
@@ -255,7 +271,11 @@ impl Hub {
     }
 
     /// Checks a client's access token and puts its route up.
-    pub fn authenticate(self: &Arc<Self>, outbox: Outbox, token: &Secret) -> Result<ClientGuard, Reject> {
+    pub fn authenticate(
+        self: &Arc<Self>,
+        outbox: Outbox,
+        token: &Secret,
+    ) -> Result<ClientGuard, Reject> {
         let claims = self.tokens.verify(token.expose(), TokenKind::Access)?;
         let mut bytes = [0u8; 12];
         rand::rng().fill_bytes(&mut bytes);
@@ -281,7 +301,11 @@ impl Hub {
 
     /// The owner's devices with their online status.
     pub async fn list_devices(&self, owner: &UserId) -> Result<Vec<DeviceInfo>, Reject> {
-        let records = self.store.list_owned(owner).await.map_err(Reject::internal)?;
+        let records = self
+            .store
+            .list_owned(owner)
+            .await
+            .map_err(Reject::internal)?;
         let routes = self.routes.lock().unwrap();
         Ok(records
             .into_iter()
@@ -296,7 +320,11 @@ impl Hub {
 
     /// The outbox of a device the caller owns, or why it cannot be reached.
     /// Devices of other owners and unknown devices look the same.
-    async fn owned_device_outbox(&self, owner: &UserId, device_id: &DeviceId) -> Result<Outbox, Reject> {
+    async fn owned_device_outbox(
+        &self,
+        owner: &UserId,
+        device_id: &DeviceId,
+    ) -> Result<Outbox, Reject> {
         let online = {
             let routes = self.routes.lock().unwrap();
             routes
@@ -354,28 +382,37 @@ fn access_denied(device_id: &DeviceId) -> Reject {
 
 fn broadcast_status(routes: &Routes, owner: &UserId, device_id: &DeviceId, online: bool) {
     for client in routes.clients.values().filter(|c| &c.owner == owner) {
-        let _ = client.outbox.try_send(Outbound::Message(FromServer::DeviceStatus {
-            device_id: device_id.clone(),
-            online,
-        }));
+        let _ = client
+            .outbox
+            .try_send(Outbound::Message(FromServer::DeviceStatus {
+                device_id: device_id.clone(),
+                online,
+            }));
     }
 }
 
 /// Queues a message without waiting; a full queue is reported, not awaited.
 fn deliver(outbox: &Outbox, message: FromServer, gone: Reject) -> Result<(), Reject> {
-    outbox.try_send(Outbound::Message(message)).map_err(|err| match err {
-        mpsc::error::TrySendError::Full(_) => Reject::new(
-            ErrorCode::PeerBacklogged,
-            "the receiver is not keeping up; the message was dropped",
-        ),
-        mpsc::error::TrySendError::Closed(_) => gone,
-    })
+    outbox
+        .try_send(Outbound::Message(message))
+        .map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => Reject::new(
+                ErrorCode::PeerBacklogged,
+                "the receiver is not keeping up; the message was dropped",
+            ),
+            mpsc::error::TrySendError::Closed(_) => gone,
+        })
 }
 
 impl DeviceGuard {
     /// Sends a worker's `sync_data` to one client of the device's owner.
     pub fn send_to_client(&self, client_id: &ClientId, payload: Value) -> Result<(), Reject> {
-        let gone = || Reject::new(ErrorCode::ClientGone, format!("client {client_id} is not connected"));
+        let gone = || {
+            Reject::new(
+                ErrorCode::ClientGone,
+                format!("client {client_id} is not connected"),
+            )
+        };
         let outbox = self
             .hub
             .client_outbox(client_id, self.owner.as_ref())
@@ -422,14 +459,20 @@ impl ClientGuard {
 
     /// Makes `device_id` the target of `sync_data` without a `device_id`.
     pub async fn select(&mut self, device_id: DeviceId) -> Result<(), Reject> {
-        self.hub.owned_device_outbox(&self.owner, &device_id).await?;
+        self.hub
+            .owned_device_outbox(&self.owner, &device_id)
+            .await?;
         self.selected = Some(device_id);
         Ok(())
     }
 
     /// Sends a client's `sync_data` to a device it owns: the one named, else
     /// the selected one, else its only online device.
-    pub async fn send_to_device(&mut self, device_id: Option<DeviceId>, payload: Value) -> Result<(), Reject> {
+    pub async fn send_to_device(
+        &mut self,
+        device_id: Option<DeviceId>,
+        payload: Value,
+    ) -> Result<(), Reject> {
         let device_id = device_id
             .or_else(|| self.selected.clone())
             .or_else(|| self.hub.sole_online_device(&self.owner))
@@ -439,13 +482,19 @@ impl ClientGuard {
                     "no device addressed: set device_id, or select_device first",
                 )
             })?;
-        let outbox = self.hub.owned_device_outbox(&self.owner, &device_id).await?;
+        let outbox = self
+            .hub
+            .owned_device_outbox(&self.owner, &device_id)
+            .await?;
         let message = FromServer::SyncData {
             payload,
             device_id: None,
             client_id: Some(self.client_id.clone()),
         };
-        let offline = Reject::new(ErrorCode::DeviceOffline, format!("device {device_id} is offline"));
+        let offline = Reject::new(
+            ErrorCode::DeviceOffline,
+            format!("device {device_id} is offline"),
+        );
         deliver(&outbox, message, offline)?;
         if !self.talked_to.contains(&device_id) {
             self.talked_to.push(device_id);
@@ -460,9 +509,11 @@ impl Drop for ClientGuard {
         routes.clients.remove(&self.client_id);
         for device_id in &self.talked_to {
             if let Some(route) = routes.devices.get(device_id) {
-                let _ = route.outbox.try_send(Outbound::Message(FromServer::ClientLeft {
-                    client_id: self.client_id.clone(),
-                }));
+                let _ = route
+                    .outbox
+                    .try_send(Outbound::Message(FromServer::ClientLeft {
+                        client_id: self.client_id.clone(),
+                    }));
             }
         }
     }

@@ -119,12 +119,21 @@ pub fn derive_device_id(salt: &[u8], secret: &Secret) -> DeviceId {
     let mut mac = Hmac::<Sha256>::new_from_slice(salt).expect("HMAC takes keys of any length");
     mac.update(secret.expose().as_bytes());
     let digest = mac.finalize().into_bytes();
-    DeviceId::new(digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    DeviceId::new(
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+    )
 }
 
 /// Compares two strings in time that depends only on their lengths.
 pub fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[cfg(test)]
@@ -143,21 +152,61 @@ mod tests {
         let cases: &[(&str, WeakSecret)] = &[
             ("kX9mP2vR8nQ4sT6wY1zC3hF5jL7dN0b", WeakSecret::TooShort(31)),
             ("12345678901234567890123456789012", WeakSecret::OnlyDigits),
-            ("abcdefghijklmnopqrstuvwxyzabcdefgh", WeakSecret::OnlyLowercase),
-            ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", WeakSecret::OnlyLowercase),
-            ("kX9mP2vR8nQ4sT6wY1zC3hFFFFjL7dN0bM9p", WeakSecret::Repetitive),
-            ("Ab1!Cd2?Ab1!Cd2?Ab1!Cd2?Ab1!Cd2?Ab1!", WeakSecret::Repetitive),
-            ("AbAbAbAbAbAbAbAbAbAbAbAbAbAbAbAb1212", WeakSecret::TooFewDistinct(4)),
-            ("kX9mP2vR8nQ4sPassWord6wY1zC3hF5jL7dN", WeakSecret::WeakPattern("password")),
-            ("kX9mP2vR8nQ4sT6wY1zSECRET3hF5jL7dN0b", WeakSecret::WeakPattern("secret")),
-            ("kX9mP2vR8nQ4sT6wY1zAdmin3hF5jL7dN0bM", WeakSecret::WeakPattern("admin")),
-            ("kX9mP2vR8nQ4sT6wY1z12345hF5jL7dN0bMa", WeakSecret::WeakPattern("12345")),
-            ("kX9mP2vR8nQ4sT6wY1zQwErTyhF5jL7dN0bM", WeakSecret::WeakPattern("qwerty")),
-            ("kX9mP2vR8nQ4sT6wY1zTeSt3hF5jL7dN0bM9", WeakSecret::WeakPattern("test")),
-            ("kX9mP2vR8nQ4sExample1zC3hF5jL7dN0bM9", WeakSecret::WeakPattern("example")),
+            (
+                "abcdefghijklmnopqrstuvwxyzabcdefgh",
+                WeakSecret::OnlyLowercase,
+            ),
+            (
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                WeakSecret::OnlyLowercase,
+            ),
+            (
+                "kX9mP2vR8nQ4sT6wY1zC3hFFFFjL7dN0bM9p",
+                WeakSecret::Repetitive,
+            ),
+            (
+                "Ab1!Cd2?Ab1!Cd2?Ab1!Cd2?Ab1!Cd2?Ab1!",
+                WeakSecret::Repetitive,
+            ),
+            (
+                "AbAbAbAbAbAbAbAbAbAbAbAbAbAbAbAb1212",
+                WeakSecret::TooFewDistinct(4),
+            ),
+            (
+                "kX9mP2vR8nQ4sPassWord6wY1zC3hF5jL7dN",
+                WeakSecret::WeakPattern("password"),
+            ),
+            (
+                "kX9mP2vR8nQ4sT6wY1zSECRET3hF5jL7dN0b",
+                WeakSecret::WeakPattern("secret"),
+            ),
+            (
+                "kX9mP2vR8nQ4sT6wY1zAdmin3hF5jL7dN0bM",
+                WeakSecret::WeakPattern("admin"),
+            ),
+            (
+                "kX9mP2vR8nQ4sT6wY1z12345hF5jL7dN0bMa",
+                WeakSecret::WeakPattern("12345"),
+            ),
+            (
+                "kX9mP2vR8nQ4sT6wY1zQwErTyhF5jL7dN0bM",
+                WeakSecret::WeakPattern("qwerty"),
+            ),
+            (
+                "kX9mP2vR8nQ4sT6wY1zTeSt3hF5jL7dN0bM9",
+                WeakSecret::WeakPattern("test"),
+            ),
+            (
+                "kX9mP2vR8nQ4sExample1zC3hF5jL7dN0bM9",
+                WeakSecret::WeakPattern("example"),
+            ),
         ];
         for (secret, expected) in cases {
-            assert_eq!(check_secret_strength(secret).as_ref(), Err(expected), "{secret}");
+            assert_eq!(
+                check_secret_strength(secret).as_ref(),
+                Err(expected),
+                "{secret}"
+            );
         }
     }
 

@@ -46,7 +46,9 @@ pub fn default_data_dir(name: &str) -> PathBuf {
 /// Parses durations like `90s`, `30m`, `24h`, `7d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -56,7 +58,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => return Err(format!("invalid duration unit {unit:?} in {text:?}: use s, m, h or d")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit {unit:?} in {text:?}: use s, m, h or d"
+            ));
+        }
     };
     number
         .checked_mul(scale)

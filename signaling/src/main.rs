@@ -12,7 +12,11 @@ use cocoon_signaling::{Config, Server, TlsFiles, default_data_dir, parse_duratio
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "cocoon-signaling", version, about = "The cocoon signaling server")]
+#[command(
+    name = "cocoon-signaling",
+    version,
+    about = "The cocoon signaling server"
+)]
 struct Cli {
     /// Where the salt, token key and device database are kept.
     #[arg(long, env = "SIGNALING_DATA_DIR", global = true, default_value_os_t = default_data_dir("signaling"))]
@@ -64,7 +68,11 @@ struct ServeArgs {
     #[arg(long, env = "SIGNALING_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Browser origins allowed to open /ws besides the server's own.
-    #[arg(long = "allowed-origin", env = "SIGNALING_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-origin",
+        env = "SIGNALING_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     allowed_origins: Vec<String>,
     /// Development mode: loopback only; unclaimed devices belong to this owner.
     #[arg(long, value_name = "OWNER")]
@@ -75,8 +83,7 @@ struct ServeArgs {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

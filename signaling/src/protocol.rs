@@ -370,13 +370,22 @@ mod tests {
         assert_eq!(code("not json"), ErrorCode::InvalidJson);
         assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
         assert_eq!(code(r#"{"type": 7}"#), ErrorCode::InvalidJson);
-        assert_eq!(code(r#"{"type": "launch_missiles"}"#), ErrorCode::UnknownType);
-        assert_eq!(code(r#"{"type": "authenticate"}"#), ErrorCode::InvalidMessage);
+        assert_eq!(
+            code(r#"{"type": "launch_missiles"}"#),
+            ErrorCode::UnknownType
+        );
+        assert_eq!(
+            code(r#"{"type": "authenticate"}"#),
+            ErrorCode::InvalidMessage
+        );
         assert_eq!(
             code(r#"{"type": "list_devices", "extra": 1}"#),
             ErrorCode::InvalidMessage
         );
-        let huge = format!(r#"{{"type":"sync_data","payload":"{}"}}"#, "x".repeat(MAX_MESSAGE_BYTES));
+        let huge = format!(
+            r#"{{"type":"sync_data","payload":"{}"}}"#,
+            "x".repeat(MAX_MESSAGE_BYTES)
+        );
         assert_eq!(code(&huge), ErrorCode::MessageTooLarge);
     }
 

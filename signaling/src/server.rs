@@ -26,11 +26,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::conn;
 use crate::files::ensure_writable_dir;
 use crate::hub::Hub;
 use crate::protocol::{MAX_MESSAGE_BYTES, UserId};
 use crate::store::{Store, load_salt, load_token_key};
-use crate::conn;
 
 /// Frames above this size close the connection outright; between
 /// [`MAX_MESSAGE_BYTES`] and this they get a `message_too_large` reply.
@@ -126,7 +126,9 @@ impl Server {
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The hub (tests and the all-in-one command mint tokens with it).
@@ -198,11 +200,13 @@ async fn serve_tcp(
     let _ = tcp.set_nodelay(true);
     match tls {
         None => serve_http(tcp, peer, app, shutdown).await,
-        Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => serve_http(stream, peer, app, shutdown).await,
-            Ok(Err(err)) => tracing::debug!(%peer, %err, "tls handshake failed"),
-            Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-        },
+        Some(acceptor) => {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => serve_http(stream, peer, app, shutdown).await,
+                Ok(Err(err)) => tracing::debug!(%peer, %err, "tls handshake failed"),
+                Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+            }
+        }
     }
 }
 
@@ -210,10 +214,12 @@ async fn serve_http<I>(io: I, peer: SocketAddr, app: Router, shutdown: Cancellat
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = app.map_request(move |mut req: axum::extract::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        req
-    });
+    let service = app.map_request(
+        move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req
+        },
+    );
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
@@ -319,10 +325,22 @@ mod tests {
     fn origins() {
         let allowed = ["https://console.example".to_string()];
         assert!(origin_allowed(&headers(None, "h:1"), &allowed));
-        assert!(origin_allowed(&headers(Some("http://h:1"), "h:1"), &allowed));
-        assert!(origin_allowed(&headers(Some("https://console.example"), "h:1"), &allowed));
-        assert!(!origin_allowed(&headers(Some("https://evil.example"), "h:1"), &allowed));
-        assert!(!origin_allowed(&headers(Some("http://h:1.evil"), "h:1"), &allowed));
+        assert!(origin_allowed(
+            &headers(Some("http://h:1"), "h:1"),
+            &allowed
+        ));
+        assert!(origin_allowed(
+            &headers(Some("https://console.example"), "h:1"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("https://evil.example"), "h:1"),
+            &allowed
+        ));
+        assert!(!origin_allowed(
+            &headers(Some("http://h:1.evil"), "h:1"),
+            &allowed
+        ));
         assert!(!origin_allowed(&headers(Some("null"), "h:1"), &allowed));
     }
 }

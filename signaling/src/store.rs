@@ -117,7 +117,11 @@ impl Store {
 
     /// Records a device seen for the first time. Returns `false` when the
     /// device was already known (nothing is changed then).
-    pub async fn insert_new(&self, device_id: &DeviceId, name: Option<String>) -> anyhow::Result<bool> {
+    pub async fn insert_new(
+        &self,
+        device_id: &DeviceId,
+        name: Option<String>,
+    ) -> anyhow::Result<bool> {
         let id = device_id.to_string();
         self.with_db(move |db| {
             let now = unix_now() as i64;
@@ -133,7 +137,11 @@ impl Store {
 
     /// Records a registration of a known device (or one the server forgot
     /// whose id still verifies): upserts it with a fresh `last_seen`.
-    pub async fn upsert_seen(&self, device_id: &DeviceId, name: Option<String>) -> anyhow::Result<()> {
+    pub async fn upsert_seen(
+        &self,
+        device_id: &DeviceId,
+        name: Option<String>,
+    ) -> anyhow::Result<()> {
         let id = device_id.to_string();
         self.with_db(move |db| {
             let now = unix_now() as i64;
@@ -162,7 +170,11 @@ impl Store {
 
     /// Claims an unclaimed device for `owner`. Returns the owner afterwards:
     /// `owner` itself, or whoever claimed it first.
-    pub async fn claim(&self, device_id: &DeviceId, owner: &UserId) -> anyhow::Result<Option<UserId>> {
+    pub async fn claim(
+        &self,
+        device_id: &DeviceId,
+        owner: &UserId,
+    ) -> anyhow::Result<Option<UserId>> {
         let id = device_id.to_string();
         let owner = owner.to_string();
         self.with_db(move |db| {
@@ -239,8 +251,17 @@ mod tests {
         let record = store.get(&id).await.unwrap().unwrap();
         assert_eq!(record.owner, Some(UserId::new("alice")));
         assert_eq!(record.name.as_deref(), Some("box"));
-        assert_eq!(store.list_owned(&UserId::new("alice")).await.unwrap().len(), 1);
-        assert!(store.list_owned(&UserId::new("bob")).await.unwrap().is_empty());
+        assert_eq!(
+            store.list_owned(&UserId::new("alice")).await.unwrap().len(),
+            1
+        );
+        assert!(
+            store
+                .list_owned(&UserId::new("bob"))
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

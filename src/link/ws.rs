@@ -57,9 +57,9 @@ impl WsLink {
             };
             match frame {
                 Message::Text(text) => {
-                    return serde_json::from_str(&text)
-                        .map(Some)
-                        .with_context(|| format!("unexpected message from the server: {}", text.as_str()));
+                    return serde_json::from_str(&text).map(Some).with_context(|| {
+                        format!("unexpected message from the server: {}", text.as_str())
+                    });
                 }
                 Message::Binary(_) => bail!("unexpected binary frame from the server"),
                 _ => continue,

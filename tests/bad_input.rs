@@ -1,0 +1,131 @@
+//! Malformed, unknown, oversized and out-of-order messages get an error reply
+//! and the connection stays usable.
+
+mod common;
+
+use cocoon_signaling::Config;
+use cocoon_signaling::auth::TokenKind;
+use cocoon_signaling::protocol::{ErrorCode, FromServer, MAX_MESSAGE_BYTES, ToServer};
+use common::*;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_the_connection_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut peer = RawPeer::connect(&server.url()).await;
+
+    let cases: Vec<(String, ErrorCode)> = vec![
+        ("{not json".into(), ErrorCode::InvalidJson),
+        ("[]".into(), ErrorCode::InvalidJson),
+        (r#"{"no_type": 1}"#.into(), ErrorCode::InvalidJson),
+        (r#"{"type": "format_disk"}"#.into(), ErrorCode::UnknownType),
+        (r#"{"type": "register"}"#.into(), ErrorCode::InvalidMessage),
+        (
+            r#"{"type": "authenticate", "access_token": 5}"#.into(),
+            ErrorCode::InvalidMessage,
+        ),
+        (
+            r#"{"type": "list_devices"}"#.into(),
+            ErrorCode::NotAuthenticated,
+        ),
+        (
+            r#"{"type": "sync_data", "payload": {}}"#.into(),
+            ErrorCode::NotAuthenticated,
+        ),
+        (
+            format!(
+                r#"{{"type":"sync_data","payload":"{}"}}"#,
+                "x".repeat(MAX_MESSAGE_BYTES + 512 * 1024)
+            ),
+            ErrorCode::MessageTooLarge,
+        ),
+    ];
+    for (text, code) in cases {
+        peer.send_text(text).await;
+        peer.expect_error(code).await;
+    }
+    peer.send_binary(vec![0, 1, 2]).await;
+    peer.expect_error(ErrorCode::UnsupportedFrame).await;
+    peer.send_binary(Vec::new()).await;
+    peer.expect_error(ErrorCode::UnsupportedFrame).await;
+    peer.send_text("").await;
+    peer.expect_error(ErrorCode::InvalidJson).await;
+
+    // Still alive: authenticate and use it.
+    peer.send(&ToServer::Authenticate {
+        access_token: server.token(TokenKind::Access, "alice"),
+    })
+    .await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(FromServer::Authenticated { .. })
+    ));
+    peer.send(&ToServer::Authenticate {
+        access_token: server.token(TokenKind::Access, "alice"),
+    })
+    .await;
+    peer.expect_error(ErrorCode::AlreadyAuthenticated).await;
+    peer.send_text(r#"{"type": "sync_data", "payload": null, "device_id": 12}"#)
+        .await;
+    peer.expect_error(ErrorCode::InvalidMessage).await;
+    peer.send(&ToServer::ListDevices {}).await;
+    assert!(matches!(
+        peer.recv().await,
+        Some(FromServer::DeviceList { .. })
+    ));
+}
+
+#[tokio::test]
+async fn foreign_browser_origins_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut request = server.url().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("Origin", HeaderValue::from_static("https://evil.example"));
+    let err = tokio_tungstenite::connect_async(request)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("403"), "{err}");
+
+    let mut request = server.url().into_client_request().unwrap();
+    let own = format!("http://{}", server.addr);
+    request
+        .headers_mut()
+        .insert("Origin", HeaderValue::from_str(&own).unwrap());
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("same origin is fine");
+}
+
+#[tokio::test]
+async fn health_reports_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let _client = server.client("alice").await;
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains(r#""status":"ok""#), "{response}");
+    assert!(response.contains(r#""clients":1"#), "{response}");
+}
+
+#[tokio::test]
+async fn development_mode_refuses_non_loopback_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::new(([0, 0, 0, 0], 0).into(), dir.path().to_owned());
+    config.dev_owner = Some(cocoon_signaling::protocol::UserId::new("local"));
+    let err = cocoon_signaling::Server::bind(config)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("loopback"), "{err}");
+}

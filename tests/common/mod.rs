@@ -1,0 +1,298 @@
+//! Test harness: a real signaling server on loopback port 0, real worker
+//! processes, and raw WebSocket peers for sending what clients should not.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon::client::{Client, ServerError};
+use cocoon_signaling::auth::TokenKind;
+use cocoon_signaling::hub::Hub;
+use cocoon_signaling::protocol::{ErrorCode, FromServer, Secret, ToServer, UserId};
+use cocoon_signaling::{Config, Server, TlsFiles};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// How long any awaited event may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A signaling server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub hub: Arc<Hub>,
+    pub tls: bool,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts on 127.0.0.1:0 with `data_dir`.
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(Config::new(([127, 0, 0, 1], 0).into(), data_dir.to_owned())).await
+    }
+
+    /// Starts with a full configuration.
+    pub async fn start_with(config: Config) -> Self {
+        let tls = config.tls.is_some();
+        let server = Server::bind(config).await.expect("server binds");
+        let addr = server.local_addr();
+        let hub = server.hub().clone();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        Self {
+            addr,
+            hub,
+            tls,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// The `/ws` URL (`wss://localhost:…` when serving TLS).
+    pub fn url(&self) -> String {
+        if self.tls {
+            format!("wss://localhost:{}/ws", self.addr.port())
+        } else {
+            format!("ws://{}/ws", self.addr)
+        }
+    }
+
+    /// Mints a token signed by this server.
+    pub fn token(&self, kind: TokenKind, owner: &str) -> Secret {
+        Secret::new(
+            self.hub
+                .tokens()
+                .mint(kind, &UserId::new(owner), Duration::from_secs(3600)),
+        )
+    }
+
+    /// An authenticated client of `owner`.
+    pub async fn client(&self, owner: &str) -> Client {
+        Client::connect(
+            &self.url(),
+            &self.token(TokenKind::Access, owner),
+            plain_tls(),
+        )
+        .await
+        .expect("client authenticates")
+    }
+
+    /// Stops the server and waits until every connection is closed.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server ran");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// TLS settings with only the system roots.
+pub fn plain_tls() -> Arc<rustls::ClientConfig> {
+    cocoon::tls::client_config(None).unwrap()
+}
+
+/// Writes a CA and a server certificate for `localhost`/127.0.0.1 into
+/// `dir`; returns the server's TLS files and the CA file.
+pub fn make_certificates(dir: &Path) -> (TlsFiles, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let files = TlsFiles {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&files.cert, cert.pem()).unwrap();
+    std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    (files, ca_file)
+}
+
+/// A `cocoon run` child process whose stdout is read line by line.
+pub struct WorkerProcess {
+    child: Child,
+    lines: mpsc::UnboundedReceiver<String>,
+    pub seen: Vec<String>,
+}
+
+/// Environment variables a test worker must not inherit from the test run.
+const WORKER_ENV: &[&str] = &[
+    "SIGNALING_SERVER_URL",
+    "COCOON_SECRET",
+    "COCOON_SETUP_TOKEN",
+    "COCOON_NAME",
+    "COCOON_SERVICES",
+    "COCOON_DATA_DIR",
+    "COCOON_CA_FILE",
+];
+
+impl WorkerProcess {
+    /// Starts `cocoon run --url URL --data-dir DIR` with extra environment.
+    pub fn spawn(url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cocoon"));
+        command
+            .arg("run")
+            .arg("--url")
+            .arg(url)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for key in WORKER_ENV {
+            command.env_remove(key);
+        }
+        command.envs(env.iter().copied());
+        let mut child = command.spawn().expect("cocoon binary starts");
+        let (tx, lines) = mpsc::unbounded_channel();
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    pub async fn expect_line(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match tokio::time::timeout_at(deadline, self.lines.recv()).await {
+                Ok(Some(line)) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Ok(None) => panic!(
+                    "worker output ended before {needle:?}; saw {:#?}",
+                    self.seen
+                ),
+                Err(_) => panic!("no line with {needle:?} in time; saw {:#?}", self.seen),
+            }
+        }
+    }
+
+    /// Expects these lines, in this order (other lines may come between).
+    pub async fn expect_lines(&mut self, needles: &[&str]) {
+        for needle in needles {
+            self.expect_line(needle).await;
+        }
+    }
+
+    /// Waits for the process to exit; returns its status and all output.
+    pub async fn wait_exit(mut self) -> (ExitStatus, String) {
+        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("worker exits in time")
+            .unwrap();
+        while let Ok(Some(line)) =
+            tokio::time::timeout(Duration::from_secs(2), self.lines.recv()).await
+        {
+            self.seen.push(line);
+        }
+        (status, self.seen.join("\n"))
+    }
+
+    /// Kills the process and waits for it.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// A WebSocket peer that can send anything.
+pub struct RawPeer {
+    stream: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl RawPeer {
+    pub async fn connect(url: &str) -> Self {
+        let (stream, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("raw connect");
+        Self { stream }
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.stream.send(Message::text(text.into())).await.unwrap();
+    }
+
+    pub async fn send(&mut self, message: &ToServer) {
+        self.send_text(serde_json::to_string(message).unwrap())
+            .await;
+    }
+
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.stream.send(Message::binary(bytes)).await.unwrap();
+    }
+
+    /// The next protocol message; `None` when the server closed.
+    pub async fn recv(&mut self) -> Option<FromServer> {
+        loop {
+            let frame = tokio::time::timeout(DEADLINE, self.stream.next())
+                .await
+                .expect("a frame in time");
+            match frame {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(Message::Text(text))) => return Some(serde_json::from_str(&text).unwrap()),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next message must be an error with `code`; returns its text.
+    pub async fn expect_error(&mut self, code: ErrorCode) -> String {
+        match self.recv().await {
+            Some(FromServer::Error { code: got, message }) if got == code => message,
+            other => panic!("expected a {code:?} error, got {other:?}"),
+        }
+    }
+
+    /// After a fatal error the server closes the connection.
+    pub async fn expect_closed(&mut self) {
+        assert_eq!(self.recv().await, None, "connection should be closed");
+    }
+}
+
+/// The error code inside an `anyhow` error from the client library.
+pub fn server_error_code(err: &anyhow::Error) -> Option<ErrorCode> {
+    err.downcast_ref::<ServerError>().map(|e| e.code)
+}
