@@ -6,6 +6,8 @@
 //! the server sends back. `sync_data` carries an opaque `payload` between a
 //! client and a device; the server routes it without looking inside.
 //!
+//! [`service`] holds the payloads between clients and workers.
+//!
 //! `docs/PROTOCOL.md` is the reference for implementers; its examples are
 //! checked against these types by `signaling/tests/protocol_doc.rs`.
 
@@ -36,14 +38,14 @@ macro_rules! string_id {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(&self.0)
             }
         }
 
-        impl fmt::Debug for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 write!(f, "{}({:?})", stringify!($name), self.0)
             }
         }
@@ -64,6 +66,8 @@ string_id!(
     /// The owner of devices: the `sub` of an access or setup token.
     UserId
 );
+
+pub mod service;
 
 /// A secret string: a device secret or a token. Its `Debug` never shows the
 /// value, so it cannot leak into a log line by accident.
