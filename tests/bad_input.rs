@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use cocoon_signaling::Config;
 use cocoon_signaling::auth::TokenKind;
 use cocoon_signaling::protocol::{ErrorCode, FromServer, MAX_MESSAGE_BYTES, ToServer};
@@ -128,4 +130,68 @@ async fn development_mode_refuses_non_loopback_addresses() {
         .err()
         .expect("refused");
     assert!(err.to_string().contains("loopback"), "{err}");
+}
+
+fn fast_timeouts(dir: &std::path::Path) -> Config {
+    let mut config = Config::new(([127, 0, 0, 1], 0).into(), dir.to_owned());
+    config.timeouts = cocoon_signaling::conn::Timeouts {
+        handshake: Duration::from_millis(300),
+        ping_interval: Duration::from_millis(100),
+        idle: Duration::from_millis(600),
+    };
+    config
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_after_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(fast_timeouts(dir.path())).await;
+    let mut peer = RawPeer::connect(&server.url()).await;
+    peer.expect_error(ErrorCode::HandshakeTimeout).await;
+    peer.expect_closed().await;
+}
+
+#[tokio::test]
+async fn keepalive_holds_a_reading_peer_and_drops_a_dead_one() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(fast_timeouts(dir.path())).await;
+    let token = server.token(TokenKind::Access, "alice");
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.url())
+        .await
+        .unwrap();
+    let auth = serde_json::to_string(&ToServer::Authenticate {
+        access_token: token,
+    })
+    .unwrap();
+    futures_util::SinkExt::send(&mut ws, Message::text(auth))
+        .await
+        .unwrap();
+
+    // Reading answers pings with pongs: alive well past the idle timeout.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(frame) = tokio::time::timeout_at(until, ws.next()).await {
+        match frame {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Text(_))) => {}
+            other => panic!("connection ended while the peer was answering: {other:?}"),
+        }
+    }
+    assert!(pings >= 5, "only {pings} pings");
+
+    // Not reading means no pongs: the server gives up on the connection.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the server must close a silent connection");
 }

@@ -292,3 +292,18 @@ async fn worker_registers_over_wss_with_an_operator_ca() {
         worker.seen
     );
 }
+
+#[tokio::test]
+async fn an_unwritable_data_dir_is_named_in_a_clear_error() {
+    let worker = WorkerProcess::spawn(
+        "ws://127.0.0.1:9/ws",
+        std::path::Path::new("/proc/cocoon-data"),
+        &[],
+    );
+    let (status, output) = worker.wait_exit().await;
+    assert!(!status.success());
+    assert!(
+        output.contains("/proc/cocoon-data is not writable"),
+        "{output}"
+    );
+}

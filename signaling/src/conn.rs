@@ -14,12 +14,26 @@ use tracing::Instrument;
 use crate::hub::{ClientGuard, DeviceGuard, Hub, OUTBOX_CAPACITY, Outbound, Outbox, Reject};
 use crate::protocol::{ErrorCode, FromServer, ToServer, decode_to_server};
 
-/// Time allowed between connecting and the first `register`/`authenticate`.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The server pings this often.
-pub const PING_INTERVAL: Duration = Duration::from_secs(20);
-/// A connection that sends nothing (not even a pong) for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The clock of a connection's liveness.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Time allowed between connecting and the first `register`/`authenticate`.
+    pub handshake: Duration,
+    /// The server pings this often.
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long is closed.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            handshake: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Who the connection turned out to be.
 enum Role {
@@ -29,12 +43,22 @@ enum Role {
 }
 
 /// Serves one upgraded socket until it closes or the server shuts down.
-pub async fn serve(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken) {
+pub async fn serve(
+    hub: Arc<Hub>,
+    socket: WebSocket,
+    timeouts: Timeouts,
+    shutdown: CancellationToken,
+) {
     let (sink, mut stream) = socket.split();
     let (outbox, queue) = mpsc::channel(OUTBOX_CAPACITY);
-    let writer = tokio::spawn(write_loop(sink, queue, shutdown.clone()));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        queue,
+        timeouts.ping_interval,
+        shutdown.clone(),
+    ));
     let mut role = Role::Pending;
-    let mut deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let mut deadline = Instant::now() + timeouts.handshake;
     loop {
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -59,7 +83,7 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken
                 continue;
             }
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {
-                extend_idle(&role, &mut deadline);
+                extend_idle(&role, &mut deadline, timeouts.idle);
                 continue;
             }
         };
@@ -89,7 +113,7 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken
             }
             Err(reject) => reply(&outbox, reject),
         }
-        extend_idle(&role, &mut deadline);
+        extend_idle(&role, &mut deadline, timeouts.idle);
     }
     // Routes go down before the writer finishes, so nobody routes to a dead
     // outbox for long.
@@ -100,9 +124,9 @@ pub async fn serve(hub: Arc<Hub>, socket: WebSocket, shutdown: CancellationToken
 
 /// Any frame from an identified peer proves it alive; a pending one keeps
 /// its handshake deadline.
-fn extend_idle(role: &Role, deadline: &mut Instant) {
+fn extend_idle(role: &Role, deadline: &mut Instant, idle: Duration) {
     if !matches!(role, Role::Pending) {
-        *deadline = Instant::now() + IDLE_TIMEOUT;
+        *deadline = Instant::now() + idle;
     }
 }
 
@@ -235,9 +259,10 @@ fn already() -> Reject {
 async fn write_loop(
     mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Outbound>,
+    ping_interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
     loop {
         let result = tokio::select! {
             item = queue.recv() => match item {
@@ -271,10 +296,11 @@ fn encode(message: &FromServer) -> Message {
 pub async fn serve_logged(
     hub: Arc<Hub>,
     socket: WebSocket,
+    timeouts: Timeouts,
     shutdown: CancellationToken,
     peer: String,
 ) {
-    serve(hub, socket, shutdown)
+    serve(hub, socket, timeouts, shutdown)
         .instrument(tracing::info_span!("ws", %peer))
         .await
 }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-use crate::conn;
+use crate::conn::{self, Timeouts};
 use crate::files::ensure_writable_dir;
 use crate::hub::Hub;
 use crate::protocol::{MAX_MESSAGE_BYTES, UserId};
@@ -55,6 +55,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Most simultaneous TCP connections.
     pub max_connections: usize,
+    /// Handshake, ping and idle timeouts of WebSocket connections.
+    pub timeouts: Timeouts,
 }
 
 impl Config {
@@ -68,6 +70,7 @@ impl Config {
             tls: None,
             allowed_origins: Vec::new(),
             max_connections: 10_000,
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -87,6 +90,7 @@ struct AppState {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     allowed_origins: Arc<[String]>,
+    timeouts: Timeouts,
 }
 
 /// A bound, ready server. Call [`Server::run`] to serve.
@@ -96,6 +100,7 @@ pub struct Server {
     hub: Arc<Hub>,
     allowed_origins: Arc<[String]>,
     max_connections: usize,
+    timeouts: Timeouts,
 }
 
 impl Server {
@@ -121,6 +126,7 @@ impl Server {
             hub: Arc::new(Hub::new(store, salt, tokens, config.dev_owner)),
             allowed_origins: config.allowed_origins.into(),
             max_connections: config.max_connections,
+            timeouts: config.timeouts,
         })
     }
 
@@ -145,6 +151,7 @@ impl Server {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
             allowed_origins: self.allowed_origins.clone(),
+            timeouts: self.timeouts,
         };
         let app = router(state);
         let slots = Arc::new(Semaphore::new(self.max_connections));
@@ -249,6 +256,7 @@ async fn ws_upgrade(
             state.tracker.track_future(conn::serve_logged(
                 state.hub,
                 socket,
+                state.timeouts,
                 state.shutdown,
                 peer.to_string(),
             ))
