@@ -1,8 +1,14 @@
 //! Worker settings: flags > environment > defaults, gathered into one struct.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use cocoon_signaling::parse_duration;
 use cocoon_signaling::protocol::Secret;
+
+use crate::services::exec::ExecPolicy;
+use crate::services::process::{EnvPolicy, Limits};
+use crate::services::pty::PtyConfig;
 
 /// The spec's default: Google's public STUN server. Unreachable on closed
 /// networks; nothing waits on it.
@@ -46,6 +52,83 @@ pub struct WorkerArgs {
     /// Credential for the TURN servers.
     #[arg(long, env = "WEBRTC_TURN_CREDENTIAL", hide_env_values = true, value_parser = parse_secret)]
     pub turn_credential: Option<Secret>,
+    /// Limits on what clients may run.
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Limits on what clients may run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Default `execute` timeout (90s, 30m, …); requests may ask for less or more.
+    #[arg(long, env = "COCOON_EXEC_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub exec_timeout: Duration,
+    /// Longest `execute` timeout a request may ask for.
+    #[arg(long, env = "COCOON_EXEC_MAX_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub exec_max_timeout: Duration,
+    /// Address-space limit of each command and session, MiB (0: none).
+    #[arg(long, env = "COCOON_LIMIT_MEMORY_MB", default_value_t = 4096)]
+    pub limit_memory_mb: u64,
+    /// CPU-time limit of each command and session, seconds (0: none).
+    #[arg(long, env = "COCOON_LIMIT_CPU_SECS", default_value_t = 0)]
+    pub limit_cpu_secs: u64,
+    /// Open-file limit of each command and session (0: none).
+    #[arg(long, env = "COCOON_LIMIT_NOFILE", default_value_t = 4096)]
+    pub limit_nofile: u64,
+    /// Process limit of the user running commands (0: none; root is exempt).
+    #[arg(long, env = "COCOON_LIMIT_NPROC", default_value_t = 0)]
+    pub limit_nproc: u64,
+    /// Environment variables clients may set although they can hijack a
+    /// program (LD_PRELOAD, …), comma-separated.
+    #[arg(long, env = "COCOON_ALLOW_ENV", value_delimiter = ',')]
+    pub allow_env: Vec<String>,
+    /// Most PTY sessions at once.
+    #[arg(long, env = "COCOON_MAX_SESSIONS", default_value_t = 256)]
+    pub max_sessions: usize,
+    /// How long a PTY session lives with nobody attached.
+    #[arg(long, env = "COCOON_DETACH_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub detach_timeout: Duration,
+}
+
+impl LimitArgs {
+    /// The resource limits these flags describe.
+    pub fn limits(&self) -> Limits {
+        let nonzero = |v: u64| (v > 0).then_some(v);
+        Limits {
+            memory_bytes: nonzero(self.limit_memory_mb).map(|mb| mb << 20),
+            cpu_secs: nonzero(self.limit_cpu_secs),
+            open_files: nonzero(self.limit_nofile),
+            processes: nonzero(self.limit_nproc),
+            ..Limits::defaults()
+        }
+    }
+
+    /// The `execute` policy.
+    pub fn exec_policy(&self) -> ExecPolicy {
+        ExecPolicy {
+            default_timeout: self.exec_timeout,
+            max_timeout: self.exec_max_timeout,
+            limits: self.limits(),
+            ..ExecPolicy::default()
+        }
+    }
+
+    /// The PTY settings.
+    pub fn pty_config(&self) -> PtyConfig {
+        PtyConfig {
+            max_sessions: self.max_sessions,
+            detach_timeout: self.detach_timeout,
+            limits: self.limits(),
+            ..PtyConfig::default()
+        }
+    }
+
+    /// The environment policy.
+    pub fn env_policy(&self) -> EnvPolicy {
+        EnvPolicy {
+            allow: self.allow_env.clone(),
+        }
+    }
 }
 
 fn parse_secret(text: &str) -> Result<Secret, String> {

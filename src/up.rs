@@ -10,7 +10,7 @@ use cocoon_signaling::protocol::UserId;
 use cocoon_signaling::{Config, Server};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Services;
+use crate::config::{LimitArgs, Services};
 use crate::worker::{self, WorkerConfig};
 
 /// The owner that development mode gives every local worker to.
@@ -28,6 +28,9 @@ pub struct UpArgs {
     /// Local HTTP services reachable through the proxy: "name:port,…".
     #[arg(long, env = "COCOON_SERVICES", value_parser = crate::config::parse_services, default_value = "")]
     pub services: Services,
+    /// Limits on what clients may run.
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// Runs both halves until `shutdown`.
@@ -52,6 +55,9 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         services: args.services,
         data_dir: args.data_dir.join("worker"),
         ca_file: None,
+        exec: args.limits.exec_policy(),
+        pty: args.limits.pty_config(),
+        env: args.limits.env_policy(),
     };
     println!("🚀 Signaling server (development mode, loopback only): http://{addr}");
     println!("   Client access token (owner \"{LOCAL_OWNER}\", 30 days):");

@@ -6,13 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cocoon_signaling::protocol::{ClientId, ErrorCode, FromServer, Secret, ToServer};
+use cocoon_signaling::protocol::{ErrorCode, FromServer, Secret, ToServer};
 use rand::Rng;
-use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Services, WorkerArgs};
+use crate::config::{Services as ServiceList, WorkerArgs};
+use crate::services::exec::{ExecPolicy, Executor};
+use crate::services::process::EnvPolicy;
+use crate::services::pty::{PtyConfig, PtyManager};
+use crate::services::tasks::TaskStore;
+use crate::services::{Outgoing, Services};
 use crate::identity::{Identity, check_data_dir, explain_mismatch};
 use crate::link::ws::WsLink;
 
@@ -34,11 +39,17 @@ pub struct WorkerConfig {
     /// Display name.
     pub name: Option<String>,
     /// Proxyable local services.
-    pub services: Services,
+    pub services: ServiceList,
     /// Data directory.
     pub data_dir: PathBuf,
     /// Extra trusted CA file for `wss://`.
     pub ca_file: Option<PathBuf>,
+    /// `execute` policy.
+    pub exec: ExecPolicy,
+    /// PTY settings.
+    pub pty: PtyConfig,
+    /// What children's environments may hold.
+    pub env: EnvPolicy,
 }
 
 impl From<WorkerArgs> for WorkerConfig {
@@ -51,9 +62,15 @@ impl From<WorkerArgs> for WorkerConfig {
             services: args.services,
             data_dir: args.data_dir,
             ca_file: args.ca_file,
+            exec: args.limits.exec_policy(),
+            pty: args.limits.pty_config(),
+            env: args.limits.env_policy(),
         }
     }
 }
+
+/// Replies waiting for the signaling connection.
+const OUTBOUND_QUEUE: usize = 256;
 
 /// Why a connection ended.
 enum Ended {
@@ -69,11 +86,12 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     check_data_dir(&config.data_dir)?;
     let mut identity = Identity::load(&config.data_dir, config.secret.clone())?;
     let tls = crate::tls::client_config(config.ca_file.as_deref())?;
+    let (services, mut outbound) = start_services(&config)?;
     warn_if_plaintext(&config.url);
     println!("🔗 Connecting to signaling server: {}", config.url);
     let mut backoff = Backoff::default();
     loop {
-        match connect_once(&config, &mut identity, tls.clone(), &shutdown).await {
+        match connect_once(&config, &mut identity, tls.clone(), &services, &mut outbound, &shutdown).await {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Lost) => {
                 // It had registered: the next failure starts from a short delay.
@@ -108,10 +126,25 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+fn start_services(config: &WorkerConfig) -> anyhow::Result<(Arc<Services>, mpsc::Receiver<Outgoing>)> {
+    let tasks = TaskStore::open(&config.data_dir)?;
+    let (out, outbound) = mpsc::channel(OUTBOUND_QUEUE);
+    let exec = Executor::new(
+        config.exec.clone(),
+        config.env.clone(),
+        config.data_dir.join("output"),
+        tasks.clone(),
+    );
+    let ptys = PtyManager::new(config.pty.clone(), config.env.clone(), tasks, out.clone());
+    Ok((Services::new(exec, ptys, out), outbound))
+}
+
 async fn connect_once(
     config: &WorkerConfig,
     identity: &mut Identity,
     tls: Arc<rustls::ClientConfig>,
+    services: &Arc<Services>,
+    outbound: &mut mpsc::Receiver<Outgoing>,
     shutdown: &CancellationToken,
 ) -> Result<Ended, Failure> {
     let mut link = tokio::select! {
@@ -127,6 +160,13 @@ async fn connect_once(
                 return Ok(Ended::Shutdown);
             }
             message = tokio::time::timeout_at(last_heard + SERVER_SILENCE, link.recv()) => message,
+            Some(outgoing) = outbound.recv() => {
+                if let Err(err) = send_to(&mut link, outgoing).await {
+                    tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
+                    return Ok(Ended::Lost);
+                }
+                continue;
+            }
         };
         let Ok(message) = message else {
             tracing::warn!("the signaling server went silent");
@@ -134,7 +174,7 @@ async fn connect_once(
         };
         last_heard = Instant::now();
         match message {
-            Ok(Some(message)) => handle(&mut link, message).await?,
+            Ok(Some(message)) => handle(services, message),
             Ok(None) => return Ok(Ended::Lost),
             Err(err) => {
                 tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
@@ -204,36 +244,27 @@ async fn register(
 }
 
 /// Handles one message from the server.
-async fn handle(link: &mut WsLink, message: FromServer) -> anyhow::Result<()> {
+fn handle(services: &Arc<Services>, message: FromServer) {
     match message {
         FromServer::SyncData {
             payload,
             client_id: Some(client_id),
             ..
-        } => {
-            let reply = crate::services::unsupported(&payload);
-            send_to(link, client_id, reply).await
-        }
-        FromServer::ClientLeft { client_id } => {
-            tracing::debug!(%client_id, "client left");
-            Ok(())
-        }
+        } => services.handle(client_id, payload),
+        FromServer::ClientLeft { client_id } => services.client_left(&client_id),
         FromServer::Error { code, message } => {
-            tracing::warn!(?code, %message, "error from the signaling server");
-            Ok(())
+            tracing::debug!(?code, %message, "error from the signaling server");
         }
-        other => {
-            tracing::debug!(?other, "ignoring message");
-            Ok(())
-        }
+        other => tracing::debug!(?other, "ignoring message"),
     }
 }
 
-async fn send_to(link: &mut WsLink, client_id: ClientId, payload: Value) -> anyhow::Result<()> {
+async fn send_to(link: &mut WsLink, outgoing: Outgoing) -> anyhow::Result<()> {
+    let payload = serde_json::to_value(&outgoing.response).expect("responses serialize");
     link.send(&ToServer::SyncData {
         payload,
         device_id: None,
-        client_id: Some(client_id),
+        client_id: Some(outgoing.client),
     })
     .await
 }

@@ -1,24 +1,168 @@
 //! What a worker does for its clients. Requests arrive as `sync_data`
-//! payloads; every reply goes back to the client that asked.
+//! payloads ([`Request`]); replies and output go back, as [`Outgoing`]
+//! messages, to the client they concern.
+//!
+//! Requests are served concurrently: `execute`, `proxy_http` and
+//! `query_local` each run in their own task, and PTY traffic goes straight
+//! to its session's queue, so a slow request never delays a keystroke.
 
-use serde::Serialize;
+pub mod exec;
+pub mod process;
+pub mod pty;
+pub mod ring;
+pub mod tasks;
+
+use std::sync::Arc;
+
+use cocoon_signaling::protocol::ClientId;
+use cocoon_signaling::protocol::service::{Request, Response, ServiceErrorCode, SessionId};
 use serde_json::Value;
+use tokio::sync::mpsc;
 
-/// The reply to a payload the worker does not understand.
-#[derive(Debug, Serialize)]
-struct PayloadError<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    code: &'static str,
-    message: &'a str,
+use exec::Executor;
+use pty::{Control, PtyManager};
+
+/// A reply or output for one client.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Who it is for.
+    pub client: ClientId,
+    /// What it is.
+    pub response: Response,
 }
 
-/// Answers a payload that no service handles.
-pub fn unsupported(_payload: &Value) -> Value {
-    serde_json::to_value(PayloadError {
-        kind: "error",
-        code: "unsupported",
-        message: "this worker does not handle that request",
-    })
-    .expect("a static error serializes")
+impl Outgoing {
+    /// Pairs a response with its client.
+    pub fn new(client: ClientId, response: Response) -> Self {
+        Self { client, response }
+    }
+}
+
+/// A request that failed, as the error reply to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceError {
+    /// The stable code.
+    pub code: ServiceErrorCode,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl ServiceError {
+    /// An error with a code and message.
+    pub fn new(code: ServiceErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The `error` response, tagged with what it answers.
+    pub fn into_response(self, request_id: Option<String>, session_id: Option<SessionId>) -> Response {
+        Response::Error {
+            code: self.code,
+            message: self.message,
+            request_id,
+            session_id,
+        }
+    }
+}
+
+/// The worker's services, shared by the tasks that serve requests.
+pub struct Services {
+    exec: Executor,
+    ptys: PtyManager,
+    out: mpsc::Sender<Outgoing>,
+}
+
+impl Services {
+    /// Services that send their replies to `out`.
+    pub fn new(exec: Executor, ptys: PtyManager, out: mpsc::Sender<Outgoing>) -> Arc<Self> {
+        Arc::new(Self { exec, ptys, out })
+    }
+
+    /// Handles one payload from `client` without waiting for slow work.
+    pub fn handle(self: &Arc<Self>, client: ClientId, payload: Value) {
+        let request = match Request::decode(payload) {
+            Ok(request) => request,
+            Err((code, message)) => {
+                return self.reply(client, ServiceError::new(code, message).into_response(None, None));
+            }
+        };
+        match request {
+            Request::Execute(request) => {
+                let services = self.clone();
+                tokio::spawn(async move {
+                    let response = services.exec.execute(request).await;
+                    services.send(client, response).await;
+                });
+            }
+            Request::AttachPty(request) => {
+                let services = self.clone();
+                tokio::spawn(async move {
+                    let request_id = request.request_id.clone();
+                    let response = services
+                        .ptys
+                        .attach(client.clone(), request)
+                        .await
+                        .unwrap_or_else(|err| err.into_response(request_id, None));
+                    services.send(client, response).await;
+                });
+            }
+            Request::PtyInput {
+                session_id,
+                data,
+                encoding,
+            } => match encoding.decode(&data) {
+                Ok(bytes) => self.pty_control(client, session_id, Control::Input(bytes)),
+                Err(err) => {
+                    let err = ServiceError::new(ServiceErrorCode::InvalidEncoding, format!("bad base64 input: {err}"));
+                    self.reply(client, err.into_response(None, Some(session_id)));
+                }
+            },
+            Request::PtyAck { session_id, offset } => self.pty_control(client, session_id, Control::Ack(offset)),
+            Request::PtyResize { session_id, cols, rows } => {
+                if cols == 0 || rows == 0 || cols > pty::MAX_TERMINAL_SIDE || rows > pty::MAX_TERMINAL_SIDE {
+                    let err = ServiceError::new(
+                        ServiceErrorCode::InvalidRequest,
+                        format!("terminal size {cols}x{rows} is out of range 1..={}", pty::MAX_TERMINAL_SIDE),
+                    );
+                    return self.reply(client, err.into_response(None, Some(session_id)));
+                }
+                self.pty_control(client, session_id, Control::Resize(cols, rows))
+            }
+            Request::PtyClose { session_id } => self.pty_control(client, session_id, Control::Close),
+            Request::ProxyHttp(request) => {
+                let err = ServiceError::new(ServiceErrorCode::UnknownService, "no services configured");
+                self.reply(client, err.into_response(Some(request.request_id), None));
+            }
+            Request::QueryLocal(request) => {
+                let err = ServiceError::new(ServiceErrorCode::UnknownQuery, "queries are not available");
+                self.reply(client, err.into_response(Some(request.query_id), None));
+            }
+        }
+    }
+
+    /// A client disconnected: its sessions are detached.
+    pub fn client_left(&self, client: &ClientId) {
+        self.ptys.client_left(client);
+    }
+
+    fn pty_control(&self, client: ClientId, session_id: SessionId, control: Control) {
+        if let Err(err) = self.ptys.control(&session_id, control) {
+            self.reply(client, err.into_response(None, Some(session_id)));
+        }
+    }
+
+    /// Queues a small reply without waiting; a full queue drops it (the
+    /// link is down or far behind, and the client will time out).
+    fn reply(&self, client: ClientId, response: Response) {
+        if self.out.try_send(Outgoing::new(client, response)).is_err() {
+            tracing::warn!("reply dropped: the outbound queue is full");
+        }
+    }
+
+    /// Sends a reply, waiting for room in the outbound queue.
+    async fn send(&self, client: ClientId, response: Response) {
+        let _ = self.out.send(Outgoing::new(client, response)).await;
+    }
 }

@@ -296,3 +296,94 @@ impl RawPeer {
 pub fn server_error_code(err: &anyhow::Error) -> Option<ErrorCode> {
     err.downcast_ref::<ServerError>().map(|e| e.code)
 }
+
+/// A worker process registered with a test server and claimed by `owner`,
+/// plus an authenticated client of that owner.
+pub struct Rig {
+    pub server: TestServer,
+    pub worker: WorkerProcess,
+    pub client: Client,
+    pub device_id: cocoon_signaling::protocol::DeviceId,
+    pub worker_dir: tempfile::TempDir,
+    _server_dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// Starts a server, a worker (with extra environment) and a client.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let server_dir = tempfile::tempdir().unwrap();
+        let worker_dir = tempfile::tempdir().unwrap();
+        let server = TestServer::start(server_dir.path()).await;
+        let setup = server.token(TokenKind::Setup, "alice");
+        let mut all_env = vec![("COCOON_SETUP_TOKEN", setup.expose())];
+        all_env.extend_from_slice(env);
+        let mut worker = WorkerProcess::spawn(&server.url(), worker_dir.path(), &all_env);
+        let line = worker.expect_line("🆔 Device ID: ").await;
+        let device_id = line
+            .split("Device ID: ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(cocoon_signaling::protocol::DeviceId::new)
+            .unwrap();
+        let client = server.client("alice").await;
+        Self {
+            server,
+            worker,
+            client,
+            device_id,
+            worker_dir,
+            _server_dir: server_dir,
+        }
+    }
+
+    /// Sends a request to the worker.
+    pub async fn send(&mut self, request: &cocoon_signaling::protocol::service::Request) {
+        let payload = serde_json::to_value(request).unwrap();
+        self.client.send(Some(&self.device_id), payload).await.unwrap();
+    }
+
+    /// Sends a raw JSON payload to the worker.
+    pub async fn send_json(&mut self, payload: serde_json::Value) {
+        self.client.send(Some(&self.device_id), payload).await.unwrap();
+    }
+
+    /// The next response from the worker.
+    pub async fn recv(&mut self) -> cocoon_signaling::protocol::service::Response {
+        recv_response(&mut self.client).await
+    }
+
+    /// The first response `pick` accepts; others are skipped.
+    pub async fn recv_until<T>(
+        &mut self,
+        mut pick: impl FnMut(cocoon_signaling::protocol::service::Response) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let response = tokio::time::timeout_at(deadline, self.recv())
+                .await
+                .expect("the expected response in time");
+            if let Some(found) = pick(response) {
+                return found;
+            }
+        }
+    }
+}
+
+/// The next service response a client receives.
+pub async fn recv_response(client: &mut Client) -> cocoon_signaling::protocol::service::Response {
+    loop {
+        let message = tokio::time::timeout(DEADLINE, client.recv())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .expect("connection open");
+        match message {
+            FromServer::SyncData { payload, .. } => {
+                return serde_json::from_value(payload.clone())
+                    .unwrap_or_else(|e| panic!("{e}: {payload}"));
+            }
+            FromServer::Error { code, message } => panic!("server error {code:?}: {message}"),
+            _ => continue,
+        }
+    }
+}

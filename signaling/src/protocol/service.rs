@@ -42,12 +42,57 @@ impl Encoding {
         }
     }
 
+    /// Encodes bytes as base64, whatever they are.
+    pub fn encode_binary(bytes: &[u8]) -> (String, Self) {
+        (B64.encode(bytes), Self::Base64)
+    }
+
     /// The bytes a string stands for.
     pub fn decode(self, text: &str) -> Result<Vec<u8>, base64::DecodeError> {
         match self {
             Self::Utf8 => Ok(text.as_bytes().to_vec()),
             Self::Base64 => B64.decode(text),
         }
+    }
+}
+
+/// The `type` names [`Request`] accepts.
+const REQUEST_TYPES: &[&str] = &[
+    "execute",
+    "attach_pty",
+    "pty_input",
+    "pty_ack",
+    "pty_resize",
+    "pty_close",
+    "proxy_http",
+    "query_local",
+];
+
+impl Request {
+    /// Decodes a `sync_data` payload, telling an unknown request from a
+    /// malformed one.
+    pub fn decode(payload: Value) -> Result<Self, (ServiceErrorCode, String)> {
+        let kind = match payload.get("type") {
+            Some(Value::String(kind)) => kind.clone(),
+            _ => {
+                return Err((
+                    ServiceErrorCode::InvalidJson,
+                    "expected a JSON object with a string \"type\"".into(),
+                ));
+            }
+        };
+        if !REQUEST_TYPES.contains(&kind.as_str()) {
+            return Err((
+                ServiceErrorCode::UnknownType,
+                format!("unknown request type {kind:?}"),
+            ));
+        }
+        serde_json::from_value(payload).map_err(|err| {
+            (
+                ServiceErrorCode::InvalidRequest,
+                format!("invalid {kind:?} request: {err}"),
+            )
+        })
     }
 }
 
@@ -68,6 +113,13 @@ pub enum Request {
         /// How `data` holds the bytes.
         #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
         encoding: Encoding,
+    },
+    /// With flow control: the client has consumed output up to `offset`.
+    PtyAck {
+        /// The session.
+        session_id: SessionId,
+        /// Stream offset just past the last byte the client has taken in.
+        offset: u64,
     },
     /// The client's terminal changed size.
     PtyResize {
@@ -132,6 +184,10 @@ pub struct AttachPty {
     /// Working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// Send at most a window of output ahead of the client's `pty_ack`s
+    /// (see "Flow control" in docs/PROTOCOL.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flow_control: bool,
 }
 
 /// A header value: one string, or several for repeated headers.
@@ -240,6 +296,10 @@ pub enum Response {
         /// How `data` holds the bytes.
         #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
         encoding: Encoding,
+        /// Stream offset of the first byte of `data`. A jump past the end
+        /// of the previous chunk means output was dropped in between.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<u64>,
     },
     /// The session's program ended.
     PtyExited {
@@ -262,7 +322,7 @@ pub enum Response {
     /// A request failed.
     Error {
         /// A stable, machine-readable code.
-        code: String,
+        code: ServiceErrorCode,
         /// What went wrong.
         message: String,
         /// The request it answers, when it had an id.
@@ -272,6 +332,36 @@ pub enum Response {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session_id: Option<SessionId>,
     },
+}
+
+/// The codes of a service [`Response::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceErrorCode {
+    /// The payload is not a JSON object with a string `type`.
+    InvalidJson,
+    /// The `type` is not a request this worker knows.
+    UnknownType,
+    /// Fields are missing, mistyped or out of range.
+    InvalidRequest,
+    /// No session with that id.
+    UnknownSession,
+    /// Too many sessions or requests at once.
+    Busy,
+    /// The program could not be started.
+    SpawnFailed,
+    /// An environment variable the operator does not allow.
+    EnvRefused,
+    /// Input bytes could not be decoded (bad base64).
+    InvalidEncoding,
+    /// No service of that name is configured.
+    UnknownService,
+    /// No query handler of that name is configured.
+    UnknownQuery,
+    /// A query handler failed.
+    QueryFailed,
+    /// The worker failed.
+    Internal,
 }
 
 /// `execute_result`.

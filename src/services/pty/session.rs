@@ -1,0 +1,369 @@
+//! One PTY session: a task that owns the terminal master, the program, and
+//! the output ring, and that never stops draining the terminal.
+//!
+//! Backpressure applies only on the hop to the viewer: output is read as
+//! fast as the program writes it into a bounded ring; the viewer is sent
+//! what its outbound queue (and, with flow control, its ack window) allows.
+//! A viewer that falls further behind than the ring holds skips ahead; the
+//! jump in `offset` tells it so.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cocoon_signaling::protocol::ClientId;
+use cocoon_signaling::protocol::service::{Encoding, Response, SessionId};
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+
+use super::PtyConfig;
+use super::sys::{self, Spawned};
+use crate::services::Outgoing;
+use crate::services::process::exit_code;
+use crate::services::ring::{OutputRing, utf8_cut};
+
+/// Most bytes read from the terminal at once.
+const READ_BYTES: usize = 64 * 1024;
+/// Most bytes of output in one message.
+const CHUNK_BYTES: usize = 16 * 1024;
+/// Input waiting for the program to read it.
+const MAX_PENDING_INPUT: usize = 64 * 1024;
+/// How long the start of a character may wait for the rest of it.
+const HOLD_PARTIAL: Duration = Duration::from_millis(30);
+/// After the program exits, how long to wait for the terminal's last output.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
+/// After the program exits, how long to try to deliver what is left.
+const FLUSH_AFTER_EXIT: Duration = Duration::from_secs(3);
+/// Between SIGHUP and SIGKILL when a session is closed.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// What the manager tells a session.
+#[derive(Debug)]
+pub enum Control {
+    /// Bytes to type.
+    Input(Vec<u8>),
+    /// New terminal size.
+    Resize(u16, u16),
+    /// The viewer has consumed output up to this offset.
+    Ack(u64),
+    /// End the session.
+    Close,
+    /// A client disconnected.
+    ClientLeft(ClientId),
+}
+
+/// Where output goes and how much may be in flight.
+struct Viewer {
+    client: Option<ClientId>,
+    sent: u64,
+    acked: u64,
+    flow_control: bool,
+}
+
+/// Timers, each optional; a timer that fired is cleared (and, where it
+/// matters later, leaves a flag behind).
+#[derive(Default)]
+struct Deadlines {
+    hold: Option<Instant>,
+    detach: Option<Instant>,
+    drain: Option<Instant>,
+    flush: Option<Instant>,
+    kill: Option<Instant>,
+}
+
+/// Timers that fired and still matter.
+#[derive(Default)]
+struct Expired {
+    /// A held partial character goes out as it is.
+    hold: bool,
+    /// Stop waiting for the terminal's last output.
+    drain: bool,
+    /// Stop trying to deliver what is left.
+    flush: bool,
+}
+
+impl Deadlines {
+    fn next(&self) -> Option<Instant> {
+        [self.hold, self.detach, self.drain, self.flush, self.kill]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// A running session.
+pub struct Session {
+    id: SessionId,
+    config: Arc<PtyConfig>,
+    child: tokio::process::Child,
+    pid: u32,
+    ring: OutputRing,
+    viewer: Viewer,
+    pending_input: VecDeque<u8>,
+    /// `ring.end()` when a partial character was held back.
+    held_at: Option<u64>,
+    eof: bool,
+    exit_code: Option<i32>,
+    deadlines: Deadlines,
+    expired: Expired,
+    out: mpsc::Sender<Outgoing>,
+}
+
+impl Session {
+    /// A session for a just-started program, shown to `client`; returns it
+    /// and the terminal master it runs with.
+    pub fn new(
+        id: SessionId,
+        config: Arc<PtyConfig>,
+        spawned: Spawned,
+        client: ClientId,
+        flow_control: bool,
+        out: mpsc::Sender<Outgoing>,
+    ) -> (Self, AsyncFd<OwnedFd>) {
+        let session = Self {
+            id,
+            ring: OutputRing::new(config.ring_bytes),
+            config,
+            child: spawned.child,
+            pid: spawned.pid,
+            viewer: Viewer {
+                client: Some(client),
+                sent: 0,
+                acked: 0,
+                flow_control,
+            },
+            pending_input: VecDeque::new(),
+            held_at: None,
+            eof: false,
+            exit_code: None,
+            deadlines: Deadlines::default(),
+            expired: Expired::default(),
+            out,
+        };
+        (session, spawned.master)
+    }
+
+    /// Runs until the program has exited and its output is delivered (or
+    /// given up on). Returns the exit code.
+    pub async fn run(mut self, master: AsyncFd<OwnedFd>, mut controls: mpsc::Receiver<Control>) -> i32 {
+        let mut buf = vec![0u8; READ_BYTES];
+        let out = self.out.clone();
+        let mut controls_open = true;
+        loop {
+            if self.finished() {
+                break;
+            }
+            let can_send = self.can_send();
+            let timer = self.deadlines.next();
+            tokio::select! {
+                ready = master.readable(), if !self.eof => match ready {
+                    Ok(guard) => self.read_output(guard, &mut buf),
+                    Err(_) => self.eof = true,
+                },
+                ready = master.writable(), if !self.pending_input.is_empty() => {
+                    if let Ok(guard) = ready {
+                        self.write_input(guard);
+                    }
+                }
+                control = controls.recv(), if controls_open => match control {
+                    Some(control) => self.control(&master, control),
+                    None => {
+                        controls_open = false;
+                        self.hang_up();
+                    }
+                },
+                permit = out.reserve(), if can_send => {
+                    if let Ok(permit) = permit {
+                        self.send_output(permit);
+                    }
+                }
+                status = self.child.wait(), if self.exit_code.is_none() => {
+                    self.exited(status.map_or(-1, exit_code));
+                }
+                _ = sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => {
+                    self.on_timer();
+                }
+            }
+        }
+        let code = self.exit_code.unwrap_or(-1);
+        if let Some(client) = self.viewer.client.take() {
+            let exited = Response::PtyExited {
+                session_id: self.id.clone(),
+                exit_code: code,
+            };
+            let deliver = self.out.send(Outgoing::new(client, exited));
+            let _ = tokio::time::timeout(FLUSH_AFTER_EXIT, deliver).await;
+        }
+        code
+    }
+
+    /// Done when the program has exited, its output has been read (or the
+    /// drain time is up), and the viewer has it all (or the flush time is up).
+    fn finished(&self) -> bool {
+        self.exit_code.is_some()
+            && (self.eof || self.expired.drain)
+            && (!self.has_unsent() || self.expired.flush)
+    }
+
+    fn has_unsent(&self) -> bool {
+        self.viewer.client.is_some() && self.ring.end() > self.viewer.sent.max(self.ring.start())
+    }
+
+    fn can_send(&self) -> bool {
+        let window_open = !self.viewer.flow_control
+            || self.viewer.sent - self.viewer.acked < self.config.window_bytes as u64;
+        let holding = self.held_at == Some(self.ring.end());
+        self.has_unsent() && window_open && !holding
+    }
+
+    fn read_output(&mut self, mut guard: tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>, buf: &mut [u8]) {
+        match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(std::io::Error::from)) {
+            Ok(Ok(0)) => self.eof = true,
+            Ok(Ok(n)) => self.ring.push(&buf[..n]),
+            // EIO: every copy of the slave is closed.
+            Ok(Err(err)) if err.raw_os_error() == Some(Errno::EIO as i32) => self.eof = true,
+            Ok(Err(err)) => {
+                tracing::warn!(session_id = %self.id, %err, "terminal read failed");
+                self.eof = true;
+            }
+            Err(_would_block) => {}
+        }
+    }
+
+    fn write_input(&mut self, mut guard: tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>) {
+        let (front, _) = self.pending_input.as_slices();
+        match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), front).map_err(std::io::Error::from)) {
+            Ok(Ok(n)) => {
+                self.pending_input.drain(..n);
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(session_id = %self.id, %err, "terminal write failed");
+                self.pending_input.clear();
+            }
+            Err(_would_block) => {}
+        }
+    }
+
+    fn send_output(&mut self, permit: mpsc::Permit<'_, Outgoing>) {
+        let Some(client) = self.viewer.client.clone() else {
+            return;
+        };
+        let (from, bytes) = self.ring.read(self.viewer.sent, CHUNK_BYTES);
+        let force = self.expired.hold || self.exit_code.is_some();
+        let (n, is_text) = utf8_cut(&bytes, force);
+        if n == 0 {
+            // Only the start of a character so far: wait briefly for the rest.
+            self.held_at = Some(self.ring.end());
+            self.deadlines.hold.get_or_insert(Instant::now() + HOLD_PARTIAL);
+            return;
+        }
+        self.held_at = None;
+        self.deadlines.hold = None;
+        self.expired.hold = false;
+        if from > self.viewer.sent {
+            // Skipped output that fell out of the ring: what was in flight
+            // stays in flight; the skipped bytes will never be acked.
+            let in_flight = self.viewer.sent - self.viewer.acked;
+            self.viewer.acked = from - in_flight;
+        }
+        let chunk = &bytes[..n];
+        let (data, encoding) = if is_text {
+            (String::from_utf8_lossy(chunk).into_owned(), Encoding::Utf8)
+        } else {
+            Encoding::encode_binary(chunk)
+        };
+        self.viewer.sent = from + n as u64;
+        permit.send(Outgoing::new(
+            client,
+            Response::PtyOutput {
+                session_id: self.id.clone(),
+                data,
+                encoding,
+                offset: Some(from),
+            },
+        ));
+    }
+
+    fn control(&mut self, master: &AsyncFd<OwnedFd>, control: Control) {
+        match control {
+            Control::Input(bytes) => {
+                let room = MAX_PENDING_INPUT.saturating_sub(self.pending_input.len());
+                if bytes.len() > room {
+                    tracing::warn!(session_id = %self.id, "input dropped: the program is not reading");
+                }
+                self.pending_input.extend(&bytes[..bytes.len().min(room)]);
+            }
+            Control::Resize(cols, rows) => {
+                if let Err(err) = sys::resize(master, cols, rows) {
+                    tracing::warn!(session_id = %self.id, %err, "resize failed");
+                }
+            }
+            Control::Ack(offset) => {
+                let offset = offset.min(self.viewer.sent);
+                self.viewer.acked = self.viewer.acked.max(offset);
+            }
+            Control::Close => self.hang_up(),
+            Control::ClientLeft(client) => {
+                if self.viewer.client.as_ref() == Some(&client) {
+                    self.viewer.client = None;
+                    self.deadlines.detach = Some(Instant::now() + self.config.detach_timeout);
+                }
+            }
+        }
+    }
+
+    /// Hangs up the terminal: SIGHUP to the whole session now, SIGKILL to
+    /// what is left after a grace period.
+    fn hang_up(&mut self) {
+        if self.deadlines.kill.is_some() || self.exit_code.is_some() {
+            return;
+        }
+        signal_session(self.pid, Signal::SIGHUP);
+        self.deadlines.kill = Some(Instant::now() + CLOSE_GRACE);
+    }
+
+    fn exited(&mut self, code: i32) {
+        self.exit_code = Some(code);
+        // Jobs the shell left behind go with their terminal.
+        signal_session(self.pid, Signal::SIGKILL);
+        let now = Instant::now();
+        self.deadlines.drain = Some(now + DRAIN_AFTER_EXIT);
+        self.deadlines.flush = Some(now + FLUSH_AFTER_EXIT);
+        self.deadlines.kill = None;
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        let fired = |deadline: &mut Option<Instant>| {
+            let fired = deadline.is_some_and(|d| d <= now);
+            if fired {
+                *deadline = None;
+            }
+            fired
+        };
+        if fired(&mut self.deadlines.kill) {
+            signal_session(self.pid, Signal::SIGKILL);
+        }
+        if fired(&mut self.deadlines.detach) {
+            tracing::info!(session_id = %self.id, "detached session timed out");
+            self.hang_up();
+        }
+        if fired(&mut self.deadlines.hold) {
+            self.held_at = None;
+            self.expired.hold = true;
+        }
+        self.expired.drain |= fired(&mut self.deadlines.drain);
+        self.expired.flush |= fired(&mut self.deadlines.flush);
+    }
+}
+
+/// Signals the session's processes from the blocking pool (it scans /proc),
+/// and its process group at once.
+fn signal_session(pid: u32, signal: Signal) {
+    crate::services::process::signal_group(pid, signal);
+    tokio::task::spawn_blocking(move || sys::signal_session(pid, signal));
+}
