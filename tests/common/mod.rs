@@ -230,6 +230,11 @@ impl WorkerProcess {
         (status, self.seen.join("\n"))
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     /// Kills the process and waits for it.
     pub async fn kill(mut self) {
         self.child.kill().await.unwrap();
