@@ -1,5 +1,6 @@
 //! Worker settings: flags > environment > defaults, gathered into one struct.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use cocoon_signaling::protocol::Secret;
 use crate::services::exec::ExecPolicy;
 use crate::services::process::{EnvPolicy, Limits};
 use crate::services::pty::PtyConfig;
+use crate::services::query::QueryConfig;
 
 /// The spec's default: Google's public STUN server. Unreachable on closed
 /// networks; nothing waits on it.
@@ -82,6 +84,17 @@ pub struct LimitArgs {
     /// program (LD_PRELOAD, …), comma-separated.
     #[arg(long, env = "COCOON_ALLOW_ENV", value_delimiter = ',')]
     pub allow_env: Vec<String>,
+    /// Time allowed to a proxied HTTP request (then 504).
+    #[arg(long, env = "COCOON_PROXY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub proxy_timeout: Duration,
+    /// Directory of text files searched by SearchKnowledgebase queries
+    /// (default: <data-dir>/knowledge).
+    #[arg(long, env = "COCOON_KNOWLEDGE_DIR")]
+    pub knowledge_dir: Option<PathBuf>,
+    /// Custom query handlers as a JSON object {"name": "shell command"}; the
+    /// command reads the params as JSON on stdin and prints JSON.
+    #[arg(long, env = "COCOON_QUERY_HANDLERS", value_parser = parse_handlers, default_value = "{}")]
+    pub query_handlers: Handlers,
     /// Most PTY sessions at once.
     #[arg(long, env = "COCOON_MAX_SESSIONS", default_value_t = 256)]
     pub max_sessions: usize,
@@ -123,12 +136,35 @@ impl LimitArgs {
         }
     }
 
+    /// The query settings; the knowledge base defaults to a folder of the
+    /// data dir.
+    pub fn query_config(&self, data_dir: &std::path::Path) -> QueryConfig {
+        QueryConfig {
+            knowledge_dir: Some(
+                self.knowledge_dir
+                    .clone()
+                    .unwrap_or_else(|| data_dir.join("knowledge")),
+            ),
+            handlers: self.query_handlers.0.clone(),
+        }
+    }
+
     /// The environment policy.
     pub fn env_policy(&self) -> EnvPolicy {
         EnvPolicy {
             allow: self.allow_env.clone(),
         }
     }
+}
+
+/// Custom query handlers: name to command.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Handlers(pub BTreeMap<String, String>);
+
+fn parse_handlers(text: &str) -> Result<Handlers, String> {
+    serde_json::from_str(text)
+        .map(Handlers)
+        .map_err(|err| format!("expected a JSON object of query names to commands: {err}"))
 }
 
 fn parse_secret(text: &str) -> Result<Secret, String> {

@@ -47,17 +47,20 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     );
     let server_task = tokio::spawn(server.run(shutdown.clone()));
     let url = format!("ws://{addr}/ws");
+    let worker_dir = args.data_dir.join("worker");
     let worker_config = WorkerConfig {
         url: url.clone(),
         secret: None,
         setup_token: None,
         name: Some(hostname()),
         services: args.services,
-        data_dir: args.data_dir.join("worker"),
+        data_dir: worker_dir.clone(),
         ca_file: None,
         exec: args.limits.exec_policy(),
         pty: args.limits.pty_config(),
         env: args.limits.env_policy(),
+        proxy_timeout: args.limits.proxy_timeout,
+        queries: args.limits.query_config(&worker_dir),
     };
     println!("🚀 Signaling server (development mode, loopback only): http://{addr}");
     println!("   Client access token (owner \"{LOCAL_OWNER}\", 30 days):");

@@ -13,13 +13,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Services as ServiceList, WorkerArgs};
-use crate::services::exec::{ExecPolicy, Executor};
-use crate::services::process::EnvPolicy;
-use crate::services::pty::{PtyConfig, PtyManager};
-use crate::services::tasks::TaskStore;
-use crate::services::{Outgoing, Services};
 use crate::identity::{Identity, check_data_dir, explain_mismatch};
 use crate::link::ws::WsLink;
+use crate::services::exec::{ExecPolicy, Executor};
+use crate::services::process::EnvPolicy;
+use crate::services::proxy::{Proxy, ProxyConfig};
+use crate::services::pty::{PtyConfig, PtyManager};
+use crate::services::query::{Queries, QueryConfig};
+use crate::services::tasks::TaskStore;
+use crate::services::{Outgoing, Services};
 
 /// How long the worker waits for the server's answer to `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,10 +52,15 @@ pub struct WorkerConfig {
     pub pty: PtyConfig,
     /// What children's environments may hold.
     pub env: EnvPolicy,
+    /// Proxy settings (besides the service list).
+    pub proxy_timeout: Duration,
+    /// Query settings.
+    pub queries: QueryConfig,
 }
 
 impl From<WorkerArgs> for WorkerConfig {
     fn from(args: WorkerArgs) -> Self {
+        let queries = args.limits.query_config(&args.data_dir);
         Self {
             url: args.url,
             secret: args.secret,
@@ -65,6 +72,8 @@ impl From<WorkerArgs> for WorkerConfig {
             exec: args.limits.exec_policy(),
             pty: args.limits.pty_config(),
             env: args.limits.env_policy(),
+            proxy_timeout: args.limits.proxy_timeout,
+            queries,
         }
     }
 }
@@ -91,7 +100,16 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     println!("🔗 Connecting to signaling server: {}", config.url);
     let mut backoff = Backoff::default();
     loop {
-        match connect_once(&config, &mut identity, tls.clone(), &services, &mut outbound, &shutdown).await {
+        match connect_once(
+            &config,
+            &mut identity,
+            tls.clone(),
+            &services,
+            &mut outbound,
+            &shutdown,
+        )
+        .await
+        {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Lost) => {
                 // It had registered: the next failure starts from a short delay.
@@ -126,17 +144,30 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn start_services(config: &WorkerConfig) -> anyhow::Result<(Arc<Services>, mpsc::Receiver<Outgoing>)> {
+fn start_services(
+    config: &WorkerConfig,
+) -> anyhow::Result<(Arc<Services>, mpsc::Receiver<Outgoing>)> {
     let tasks = TaskStore::open(&config.data_dir)?;
     let (out, outbound) = mpsc::channel(OUTBOUND_QUEUE);
-    let exec = Executor::new(
+    let exec = Arc::new(Executor::new(
         config.exec.clone(),
         config.env.clone(),
         config.data_dir.join("output"),
         tasks.clone(),
+    ));
+    let ptys = PtyManager::new(
+        config.pty.clone(),
+        config.env.clone(),
+        tasks.clone(),
+        out.clone(),
     );
-    let ptys = PtyManager::new(config.pty.clone(), config.env.clone(), tasks, out.clone());
-    Ok((Services::new(exec, ptys, out), outbound))
+    let mut proxy = ProxyConfig::new(config.services.clone());
+    proxy.timeout = config.proxy_timeout;
+    let queries = Queries::new(config.queries.clone(), tasks, exec.clone());
+    Ok((
+        Services::new(exec, ptys, Proxy::new(proxy), queries, out),
+        outbound,
+    ))
 }
 
 async fn connect_once(

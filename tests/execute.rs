@@ -54,14 +54,19 @@ async fn exit_codes_stdin_and_stderr() {
 
     let binary = run(&mut rig, execute(r"printf '\377\376'")).await;
     assert_eq!(binary.data.stdout_encoding, Encoding::Base64);
-    assert_eq!(Encoding::Base64.decode(&binary.data.stdout).unwrap(), vec![0xff, 0xfe]);
+    assert_eq!(
+        Encoding::Base64.decode(&binary.data.stdout).unwrap(),
+        vec![0xff, 0xfe]
+    );
 }
 
 #[tokio::test]
 async fn the_spec_example_works_as_shown() {
     let mut rig = Rig::start(&[]).await;
-    rig.send_json(json!({"type": "execute", "command": "echo 'Hello from cocoon!'", "input": null}))
-        .await;
+    rig.send_json(
+        json!({"type": "execute", "command": "echo 'Hello from cocoon!'", "input": null}),
+    )
+    .await;
     let Response::ExecuteResult(result) = rig.recv().await else {
         panic!("execute_result")
     };
@@ -79,8 +84,16 @@ async fn a_timeout_kills_the_whole_process_group() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!result.success);
     assert_eq!(result.data.error.as_deref(), Some("timeout"));
-    let pid: u32 = result.data.stdout.trim().parse().expect("the background pid");
-    assert!(wait_gone(pid).await, "background process {pid} survived the timeout");
+    let pid: u32 = result
+        .data
+        .stdout
+        .trim()
+        .parse()
+        .expect("the background pid");
+    assert!(
+        wait_gone(pid).await,
+        "background process {pid} survived the timeout"
+    );
 }
 
 /// Whether a process is gone (or a zombie) within the deadline.
@@ -89,7 +102,12 @@ async fn wait_gone(pid: u32) -> bool {
     while Instant::now() < deadline {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
             Err(_) => return true,
-            Ok(stat) if stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')) => {
+            Ok(stat)
+                if stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z')) =>
+            {
                 return true;
             }
             Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -101,7 +119,11 @@ async fn wait_gone(pid: u32) -> bool {
 #[tokio::test]
 async fn output_is_capped_and_flagged() {
     let mut rig = Rig::start(&[]).await;
-    let result = run(&mut rig, execute("head -c 2000000 /dev/zero | tr '\\0' a; echo done >&2")).await;
+    let result = run(
+        &mut rig,
+        execute("head -c 2000000 /dev/zero | tr '\\0' a; echo done >&2"),
+    )
+    .await;
     assert!(result.success);
     assert!(result.data.truncated);
     assert_eq!(result.data.stdout.len(), 256 * 1024);
@@ -135,7 +157,10 @@ async fn output_files_come_back_once_and_are_cleaned() {
     let leftovers: Vec<_> = std::fs::read_dir(rig.worker_dir.path().join("output"))
         .unwrap()
         .collect();
-    assert!(leftovers.is_empty(), "output directories are removed: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "output directories are removed: {leftovers:?}"
+    );
 }
 
 #[tokio::test]
@@ -146,17 +171,26 @@ async fn resource_limits_are_enforced() {
         ("COCOON_LIMIT_NOFILE", "32"),
     ])
     .await;
-    let memory = run(&mut rig, execute("python3 -c 'b = bytearray(1024 * 1024 * 1024)'")).await;
+    let memory = run(
+        &mut rig,
+        execute("python3 -c 'b = bytearray(1024 * 1024 * 1024)'"),
+    )
+    .await;
     assert!(!memory.success);
     assert!(memory.data.stderr.contains("MemoryError"), "{memory:?}");
 
     let files = run(
         &mut rig,
-        execute("python3 -c \"import os; [os.open('/dev/null', os.O_RDONLY) for _ in range(100)]\""),
+        execute(
+            "python3 -c \"import os; [os.open('/dev/null', os.O_RDONLY) for _ in range(100)]\"",
+        ),
     )
     .await;
     assert!(!files.success);
-    assert!(files.data.stderr.contains("Too many open files"), "{files:?}");
+    assert!(
+        files.data.stderr.contains("Too many open files"),
+        "{files:?}"
+    );
 
     let mut spin = execute("while :; do :; done");
     spin.timeout_secs = Some(60);
@@ -198,11 +232,17 @@ async fn children_never_see_the_workers_secrets() {
     assert!(!result.data.stdout.contains("turn-credential-value"));
 
     let mut hijack = execute("true");
-    hijack.env = Some(BTreeMap::from([("LD_PRELOAD".to_string(), "/tmp/x.so".to_string())]));
+    hijack.env = Some(BTreeMap::from([(
+        "LD_PRELOAD".to_string(),
+        "/tmp/x.so".to_string(),
+    )]));
     rig.send(&Request::Execute(hijack)).await;
     assert!(matches!(
         rig.recv().await,
-        Response::Error { code: ServiceErrorCode::EnvRefused, .. }
+        Response::Error {
+            code: ServiceErrorCode::EnvRefused,
+            ..
+        }
     ));
 
     let mut fine = execute("echo $GREETING");
@@ -221,11 +261,20 @@ async fn spawn_failures_and_bad_requests_get_clear_errors() {
 
     for (payload, code) in [
         (json!({"type": "execute"}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "execute", "command": 5}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "execute", "command": "x", "bogus": 1}), ServiceErrorCode::InvalidRequest),
+        (
+            json!({"type": "execute", "command": 5}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "execute", "command": "x", "bogus": 1}),
+            ServiceErrorCode::InvalidRequest,
+        ),
         (json!({"type": "launch"}), ServiceErrorCode::UnknownType),
         (json!("just a string"), ServiceErrorCode::InvalidJson),
-        (json!({"type": "pty_input", "session_id": "nope", "data": "x"}), ServiceErrorCode::UnknownSession),
+        (
+            json!({"type": "pty_input", "session_id": "nope", "data": "x"}),
+            ServiceErrorCode::UnknownSession,
+        ),
     ] {
         rig.send_json(payload.clone()).await;
         match rig.recv().await {
@@ -233,7 +282,10 @@ async fn spawn_failures_and_bad_requests_get_clear_errors() {
             other => panic!("{payload}: expected an error, got {other:?}"),
         }
     }
-    assert!(run(&mut rig, execute("true")).await.success, "the worker is unharmed");
+    assert!(
+        run(&mut rig, execute("true")).await.success,
+        "the worker is unharmed"
+    );
 }
 
 #[tokio::test]

@@ -125,17 +125,18 @@ async fn type_in(rig: &mut Rig, id: &SessionId, text: &str) {
 async fn the_login_shell_runs_commands() {
     let mut rig = Rig::start(&[]).await;
     let mut terms = Terminals::default();
-    rig.send_json(json!({"type": "attach_pty", "cols": 80, "rows": 24, "env": {}})).await;
-    let id = loop {
-        match rig.recv().await {
-            Response::PtyCreated { session_id, .. } => break session_id,
-            other => panic!("expected pty_created, got {other:?}"),
-        }
+    rig.send_json(json!({"type": "attach_pty", "cols": 80, "rows": 24, "env": {}}))
+        .await;
+    let id = match rig.recv().await {
+        Response::PtyCreated { session_id, .. } => session_id,
+        other => panic!("expected pty_created, got {other:?}"),
     };
     terms.output.insert(id.clone(), Vec::new());
     type_in(&mut rig, &id, "echo hel''lo; echo TERM=$TERM\n").await;
     terms.wait_output(&mut rig, &id, "hello\r\n").await;
-    terms.wait_output(&mut rig, &id, "TERM=xterm-256color\r\n").await;
+    terms
+        .wait_output(&mut rig, &id, "TERM=xterm-256color\r\n")
+        .await;
 }
 
 #[tokio::test]
@@ -157,12 +158,29 @@ async fn resize_is_seen_by_the_program() {
     for (cols, rows) in [(0, 30), (100, 0), (5000, 30)] {
         rig.send_json(json!({"type": "pty_resize", "session_id": id, "cols": cols, "rows": rows}))
             .await;
-        let response = rig.recv_until(|r| matches!(r, Response::Error { .. }).then_some(r)).await;
-        assert!(matches!(response, Response::Error { code: ServiceErrorCode::InvalidRequest, .. }));
+        let response = rig
+            .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
+            .await;
+        assert!(matches!(
+            response,
+            Response::Error {
+                code: ServiceErrorCode::InvalidRequest,
+                ..
+            }
+        ));
     }
-    rig.send_json(json!({"type": "attach_pty", "cols": 0, "rows": 24})).await;
-    let response = rig.recv_until(|r| matches!(r, Response::Error { .. }).then_some(r)).await;
-    assert!(matches!(response, Response::Error { code: ServiceErrorCode::InvalidRequest, .. }));
+    rig.send_json(json!({"type": "attach_pty", "cols": 0, "rows": 24}))
+        .await;
+    let response = rig
+        .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
+        .await;
+    assert!(matches!(
+        response,
+        Response::Error {
+            code: ServiceErrorCode::InvalidRequest,
+            ..
+        }
+    ));
 }
 
 #[tokio::test]
@@ -175,7 +193,10 @@ async fn close_ends_a_busy_session_promptly_without_disturbing_others() {
     terms.wait_output(&mut rig, &busy, "sleep 1000\r\n").await;
 
     let started = Instant::now();
-    rig.send(&Request::PtyClose { session_id: busy.clone() }).await;
+    rig.send(&Request::PtyClose {
+        session_id: busy.clone(),
+    })
+    .await;
     type_in(&mut rig, &other, "echo still' 'here\n").await;
     terms.wait_output(&mut rig, &other, "still here\r\n").await;
     terms.wait_exit(&mut rig, &busy).await;
@@ -196,8 +217,16 @@ async fn close_ends_a_busy_session_promptly_without_disturbing_others() {
         encoding: Encoding::Utf8,
     })
     .await;
-    let response = rig.recv_until(|r| matches!(r, Response::Error { .. }).then_some(r)).await;
-    assert!(matches!(response, Response::Error { code: ServiceErrorCode::UnknownSession, .. }));
+    let response = rig
+        .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
+        .await;
+    assert!(matches!(
+        response,
+        Response::Error {
+            code: ServiceErrorCode::UnknownSession,
+            ..
+        }
+    ));
 }
 
 #[tokio::test]
@@ -207,7 +236,10 @@ async fn a_natural_exit_reports_the_real_code() {
     let id = terms.open(&mut rig, attach(Some(MARKED_SHELL))).await;
     type_in(&mut rig, &id, "echo b''ye; exit 3\n").await;
     assert_eq!(terms.wait_exit(&mut rig, &id).await, 3);
-    assert!(contains(&terms.output[&id], b"bye\r\n"), "output comes before the exit");
+    assert!(
+        contains(&terms.output[&id], b"bye\r\n"),
+        "output comes before the exit"
+    );
 }
 
 #[tokio::test]
@@ -222,7 +254,9 @@ async fn twenty_sessions_at_once() {
         type_in(&mut rig, id, &format!("echo session-$((1000 + {n}))\n")).await;
     }
     for (n, id) in ids.iter().enumerate() {
-        terms.wait_output(&mut rig, id, &format!("session-{}\r\n", 1000 + n)).await;
+        terms
+            .wait_output(&mut rig, id, &format!("session-{}\r\n", 1000 + n))
+            .await;
     }
 }
 
@@ -231,20 +265,33 @@ async fn multibyte_characters_are_never_split_and_raw_bytes_survive() {
     let mut rig = Rig::start(&[]).await;
     let mut terms = Terminals::default();
     let id = terms
-        .open(&mut rig, attach(Some("python3 -c \"print('€' * 100000 + 'END')\"")))
+        .open(
+            &mut rig,
+            attach(Some("python3 -c \"print('€' * 100000 + 'END')\"")),
+        )
         .await;
     terms.wait_exit(&mut rig, &id).await;
     let text = String::from_utf8(terms.output[&id].clone()).expect("valid UTF-8");
     assert_eq!(text, format!("{}END\r\n", "€".repeat(100_000)));
-    assert!(terms.encodings.iter().all(|e| *e == Encoding::Utf8), "no chunk split a character");
-    assert!(terms.encodings.len() > 1, "the output spanned several messages");
+    assert!(
+        terms.encodings.iter().all(|e| *e == Encoding::Utf8),
+        "no chunk split a character"
+    );
+    assert!(
+        terms.encodings.len() > 1,
+        "the output spanned several messages"
+    );
 
-    let raw = terms.open(&mut rig, attach(Some(r"printf 'a\377\376b'"))).await;
+    let raw = terms
+        .open(&mut rig, attach(Some(r"printf 'a\377\376b'")))
+        .await;
     terms.wait_exit(&mut rig, &raw).await;
     assert_eq!(terms.output[&raw], b"a\xff\xfeb");
 
     // Raw bytes in: base64 input reaches the program byte for byte.
-    let echo = terms.open(&mut rig, attach(Some("head -c 3 | od -An -tx1"))).await;
+    let echo = terms
+        .open(&mut rig, attach(Some("head -c 3 | od -An -tx1")))
+        .await;
     rig.send(&Request::PtyInput {
         session_id: echo.clone(),
         data: "//4K".into(),

@@ -85,36 +85,57 @@ impl Executor {
         }
     }
 
-    /// Runs one request to completion.
+    /// Runs one request to completion, recording it as a task.
     pub async fn execute(&self, request: Execute) -> Response {
         let request_id = request.request_id.clone();
-        match self.run(request).await {
+        match self.run(request, true, &[]).await {
             Ok(result) => Response::ExecuteResult(result),
             Err(err) => err.into_response(request_id, None),
         }
     }
 
-    async fn run(&self, request: Execute) -> Result<ExecuteResult, ServiceError> {
+    /// Runs a command of the worker's own (a query handler) with extra
+    /// variables of the worker's choosing; not recorded as a task.
+    pub async fn run_untracked(
+        &self,
+        request: Execute,
+        fixed_env: &[(&str, &str)],
+    ) -> Result<ExecuteResult, ServiceError> {
+        self.run(request, false, fixed_env).await
+    }
+
+    async fn run(
+        &self,
+        request: Execute,
+        track: bool,
+        fixed_env: &[(&str, &str)],
+    ) -> Result<ExecuteResult, ServiceError> {
         let timeout = request
             .timeout_secs
             .map_or(self.policy.default_timeout, Duration::from_secs)
             .min(self.policy.max_timeout);
         let _slot = self.slots.clone().try_acquire_owned().map_err(|_| {
-            ServiceError::new(ServiceErrorCode::Busy, "too many commands running; try again")
+            ServiceError::new(
+                ServiceErrorCode::Busy,
+                "too many commands running; try again",
+            )
         })?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let out_dir = self.output_root.join(&run_id);
         let out_dir_text = out_dir.to_string_lossy().into_owned();
-        let env = self
-            .env
-            .build(request.env.as_ref(), &[("COCOON_OUTPUT_DIR", &out_dir_text)])?;
+        let mut fixed = vec![("COCOON_OUTPUT_DIR", out_dir_text.as_str())];
+        fixed.extend_from_slice(fixed_env);
+        let env = self.env.build(request.env.as_ref(), &fixed)?;
         create_private_dir(&out_dir).map_err(|err| {
             ServiceError::new(
                 ServiceErrorCode::Internal,
                 format!("cannot create the output directory: {err}"),
             )
         })?;
-        let task = self.tasks.start(TaskKind::Execute, &request.command).await;
+        let task = match track {
+            true => Some(self.tasks.start(TaskKind::Execute, &request.command).await),
+            false => None,
+        };
         let mut result = self.spawn_and_wait(&request, env, timeout).await;
         let (files, files_truncated) = collect_files(&out_dir, &self.policy).await;
         result.files = files;
@@ -127,7 +148,9 @@ impl Executor {
         } else {
             TaskStatus::Failed
         };
-        self.tasks.finish(task, status, result.data.exit_code).await;
+        if let Some(task) = task {
+            self.tasks.finish(task, status, result.data.exit_code).await;
+        }
         Ok(result)
     }
 
@@ -166,8 +189,14 @@ impl Executor {
                 let _ = stdin.write_all(input.as_bytes()).await;
             });
         }
-        let stdout = tokio::spawn(read_capped(child.stdout.take().expect("piped"), self.policy.max_stdout));
-        let stderr = tokio::spawn(read_capped(child.stderr.take().expect("piped"), self.policy.max_stderr));
+        let stdout = tokio::spawn(read_capped(
+            child.stdout.take().expect("piped"),
+            self.policy.max_stdout,
+        ));
+        let stderr = tokio::spawn(read_capped(
+            child.stderr.take().expect("piped"),
+            self.policy.max_stderr,
+        ));
 
         let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
             Ok(status) => (status, false),
@@ -254,7 +283,10 @@ async fn join_capped(reader: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 async fn remove_dir(dir: &Path) {
@@ -266,7 +298,11 @@ async fn remove_dir(dir: &Path) {
 /// policy's caps; `true` when some were left out.
 async fn collect_files(dir: &Path, policy: &ExecPolicy) -> (Vec<OutputFile>, bool) {
     let dir = dir.to_owned();
-    let (max_files, max_file, max_total) = (policy.max_files, policy.max_file_bytes, policy.max_files_total);
+    let (max_files, max_file, max_total) = (
+        policy.max_files,
+        policy.max_file_bytes,
+        policy.max_files_total,
+    );
     tokio::task::spawn_blocking(move || {
         let mut found = Vec::new();
         walk(&dir, &dir, &mut found, 0);

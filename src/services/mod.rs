@@ -8,7 +8,9 @@
 
 pub mod exec;
 pub mod process;
+pub mod proxy;
 pub mod pty;
+pub mod query;
 pub mod ring;
 pub mod tasks;
 
@@ -20,7 +22,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use exec::Executor;
+use proxy::Proxy;
 use pty::{Control, PtyManager};
+use query::Queries;
 
 /// A reply or output for one client.
 #[derive(Debug)]
@@ -57,7 +61,11 @@ impl ServiceError {
     }
 
     /// The `error` response, tagged with what it answers.
-    pub fn into_response(self, request_id: Option<String>, session_id: Option<SessionId>) -> Response {
+    pub fn into_response(
+        self,
+        request_id: Option<String>,
+        session_id: Option<SessionId>,
+    ) -> Response {
         Response::Error {
             code: self.code,
             message: self.message,
@@ -69,15 +77,29 @@ impl ServiceError {
 
 /// The worker's services, shared by the tasks that serve requests.
 pub struct Services {
-    exec: Executor,
+    exec: Arc<Executor>,
     ptys: PtyManager,
+    proxy: Proxy,
+    queries: Queries,
     out: mpsc::Sender<Outgoing>,
 }
 
 impl Services {
     /// Services that send their replies to `out`.
-    pub fn new(exec: Executor, ptys: PtyManager, out: mpsc::Sender<Outgoing>) -> Arc<Self> {
-        Arc::new(Self { exec, ptys, out })
+    pub fn new(
+        exec: Arc<Executor>,
+        ptys: PtyManager,
+        proxy: Proxy,
+        queries: Queries,
+        out: mpsc::Sender<Outgoing>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            exec,
+            ptys,
+            proxy,
+            queries,
+            out,
+        })
     }
 
     /// Handles one payload from `client` without waiting for slow work.
@@ -85,7 +107,10 @@ impl Services {
         let request = match Request::decode(payload) {
             Ok(request) => request,
             Err((code, message)) => {
-                return self.reply(client, ServiceError::new(code, message).into_response(None, None));
+                return self.reply(
+                    client,
+                    ServiceError::new(code, message).into_response(None, None),
+                );
             }
         };
         match request {
@@ -115,29 +140,53 @@ impl Services {
             } => match encoding.decode(&data) {
                 Ok(bytes) => self.pty_control(client, session_id, Control::Input(bytes)),
                 Err(err) => {
-                    let err = ServiceError::new(ServiceErrorCode::InvalidEncoding, format!("bad base64 input: {err}"));
+                    let err = ServiceError::new(
+                        ServiceErrorCode::InvalidEncoding,
+                        format!("bad base64 input: {err}"),
+                    );
                     self.reply(client, err.into_response(None, Some(session_id)));
                 }
             },
-            Request::PtyAck { session_id, offset } => self.pty_control(client, session_id, Control::Ack(offset)),
-            Request::PtyResize { session_id, cols, rows } => {
-                if cols == 0 || rows == 0 || cols > pty::MAX_TERMINAL_SIDE || rows > pty::MAX_TERMINAL_SIDE {
+            Request::PtyAck { session_id, offset } => {
+                self.pty_control(client, session_id, Control::Ack(offset))
+            }
+            Request::PtyResize {
+                session_id,
+                cols,
+                rows,
+            } => {
+                if cols == 0
+                    || rows == 0
+                    || cols > pty::MAX_TERMINAL_SIDE
+                    || rows > pty::MAX_TERMINAL_SIDE
+                {
                     let err = ServiceError::new(
                         ServiceErrorCode::InvalidRequest,
-                        format!("terminal size {cols}x{rows} is out of range 1..={}", pty::MAX_TERMINAL_SIDE),
+                        format!(
+                            "terminal size {cols}x{rows} is out of range 1..={}",
+                            pty::MAX_TERMINAL_SIDE
+                        ),
                     );
                     return self.reply(client, err.into_response(None, Some(session_id)));
                 }
                 self.pty_control(client, session_id, Control::Resize(cols, rows))
             }
-            Request::PtyClose { session_id } => self.pty_control(client, session_id, Control::Close),
+            Request::PtyClose { session_id } => {
+                self.pty_control(client, session_id, Control::Close)
+            }
             Request::ProxyHttp(request) => {
-                let err = ServiceError::new(ServiceErrorCode::UnknownService, "no services configured");
-                self.reply(client, err.into_response(Some(request.request_id), None));
+                let services = self.clone();
+                tokio::spawn(async move {
+                    let result = services.proxy.handle(request).await;
+                    services.send(client, Response::ProxyResult(result)).await;
+                });
             }
             Request::QueryLocal(request) => {
-                let err = ServiceError::new(ServiceErrorCode::UnknownQuery, "queries are not available");
-                self.reply(client, err.into_response(Some(request.query_id), None));
+                let services = self.clone();
+                tokio::spawn(async move {
+                    let response = services.queries.handle(request).await;
+                    services.send(client, response).await;
+                });
             }
         }
     }

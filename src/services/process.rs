@@ -73,7 +73,11 @@ impl Limits {
             if let Some(limit) = limit {
                 // CPU: SIGXCPU at the soft limit (reported as limit_exceeded),
                 // SIGKILL a second later for programs that ignore it.
-                let wanted_hard = if resource == Resource::RLIMIT_CPU { limit + 1 } else { limit };
+                let wanted_hard = if resource == Resource::RLIMIT_CPU {
+                    limit + 1
+                } else {
+                    limit
+                };
                 // Never above the current hard limit: only root may raise it.
                 let (_, current_hard) = getrlimit(resource)?;
                 let hard = wanted_hard.min(current_hard);
@@ -104,16 +108,16 @@ impl EnvPolicy {
             .filter(|(name, _)| !is_worker_secret(name) && !is_hijacking(name))
             .collect();
         for (name, value) in requested.into_iter().flatten() {
-            let valid = !name.is_empty()
-                && !name.contains(['=', '\0'])
-                && !value.contains('\0');
+            let valid = !name.is_empty() && !name.contains(['=', '\0']) && !value.contains('\0');
             if !valid {
                 return Err(ServiceError::new(
                     ServiceErrorCode::InvalidRequest,
                     format!("invalid environment variable {name:?}"),
                 ));
             }
-            if (is_hijacking(name) || is_worker_secret(name)) && !self.allow.iter().any(|a| a == name) {
+            if (is_hijacking(name) || is_worker_secret(name))
+                && !self.allow.iter().any(|a| a == name)
+            {
                 return Err(ServiceError::new(
                     ServiceErrorCode::EnvRefused,
                     format!("environment variable {name} is not allowed on this worker"),

@@ -91,7 +91,8 @@ impl TaskStore {
     /// worker process are marked failed: nobody will finish them.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let path = data_dir.join("tasks.db");
-        let db = Connection::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let db =
+            Connection::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              CREATE TABLE IF NOT EXISTS tasks (
@@ -170,7 +171,8 @@ impl TaskStore {
         self.with_db(move |db| {
             let status = status.map(TaskStatus::as_str);
             let pattern = search.map(|s| format!("%{}%", escape_like(&s)));
-            let filter = "(?1 IS NULL OR status = ?1) AND (?2 IS NULL OR command LIKE ?2 ESCAPE '\\')";
+            let filter =
+                "(?1 IS NULL OR status = ?1) AND (?2 IS NULL OR command LIKE ?2 ESCAPE '\\')";
             let total: i64 = db.query_row(
                 &format!("SELECT COUNT(*) FROM tasks WHERE {filter}"),
                 params![status, pattern],
@@ -218,7 +220,9 @@ impl TaskStore {
 }
 
 fn escape_like(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    text.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }
 
 fn log_failure<T>(result: anyhow::Result<T>) -> Option<T> {
@@ -244,7 +248,10 @@ mod tests {
         let (all, total) = store.list(None, None, 10).await.unwrap();
         assert_eq!(total, 3);
         assert_eq!(all[0].command, "bash");
-        let (failed, _) = store.list(Some(TaskStatus::Failed), None, 10).await.unwrap();
+        let (failed, _) = store
+            .list(Some(TaskStatus::Failed), None, 10)
+            .await
+            .unwrap();
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].exit_code, Some(1));
         let (found, _) = store.list(None, Some("100%".into()), 10).await.unwrap();
@@ -256,7 +263,10 @@ mod tests {
 
         drop(store);
         let reopened = TaskStore::open(dir.path()).unwrap();
-        let (running, _) = reopened.list(Some(TaskStatus::Running), None, 10).await.unwrap();
+        let (running, _) = reopened
+            .list(Some(TaskStatus::Running), None, 10)
+            .await
+            .unwrap();
         assert!(running.is_empty(), "a restart fails orphaned tasks");
     }
 }

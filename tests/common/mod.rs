@@ -344,12 +344,18 @@ impl Rig {
     /// Sends a request to the worker.
     pub async fn send(&mut self, request: &cocoon_signaling::protocol::service::Request) {
         let payload = serde_json::to_value(request).unwrap();
-        self.client.send(Some(&self.device_id), payload).await.unwrap();
+        self.client
+            .send(Some(&self.device_id), payload)
+            .await
+            .unwrap();
     }
 
     /// Sends a raw JSON payload to the worker.
     pub async fn send_json(&mut self, payload: serde_json::Value) {
-        self.client.send(Some(&self.device_id), payload).await.unwrap();
+        self.client
+            .send(Some(&self.device_id), payload)
+            .await
+            .unwrap();
     }
 
     /// The next response from the worker.

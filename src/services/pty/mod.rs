@@ -65,7 +65,12 @@ pub struct PtyManager {
 
 impl PtyManager {
     /// A manager whose sessions send their output to `out`.
-    pub fn new(config: PtyConfig, env: EnvPolicy, tasks: TaskStore, out: mpsc::Sender<Outgoing>) -> Self {
+    pub fn new(
+        config: PtyConfig,
+        env: EnvPolicy,
+        tasks: TaskStore,
+        out: mpsc::Sender<Outgoing>,
+    ) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_sessions));
         Self {
             config: Arc::new(config),
@@ -79,7 +84,11 @@ impl PtyManager {
     }
 
     /// Starts a session for `client`.
-    pub async fn attach(&self, client: ClientId, request: AttachPty) -> Result<Response, ServiceError> {
+    pub async fn attach(
+        &self,
+        client: ClientId,
+        request: AttachPty,
+    ) -> Result<Response, ServiceError> {
         for (side, value) in [("cols", request.cols), ("rows", request.rows)] {
             if value == 0 || value > MAX_TERMINAL_SIDE {
                 return Err(ServiceError::new(
@@ -89,15 +98,26 @@ impl PtyManager {
             }
         }
         let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
-            ServiceError::new(ServiceErrorCode::Busy, "too many terminal sessions on this worker")
+            ServiceError::new(
+                ServiceErrorCode::Busy,
+                "too many terminal sessions on this worker",
+            )
         })?;
         let env = self.env.build(
             request.env.as_ref(),
             &[("TERM", "xterm-256color"), ("COLORTERM", "truecolor")],
         )?;
         let (program, args, label) = match &request.command {
-            Some(command) => ("/bin/sh".to_owned(), vec!["-c".to_owned(), command.clone()], command.clone()),
-            None => (self.shell.clone(), vec!["-l".to_owned()], self.shell.clone()),
+            Some(command) => (
+                "/bin/sh".to_owned(),
+                vec!["-c".to_owned(), command.clone()],
+                command.clone(),
+            ),
+            None => (
+                self.shell.clone(),
+                vec!["-l".to_owned()],
+                self.shell.clone(),
+            ),
         };
         let home = std::env::var_os("HOME").map(PathBuf::from);
         let cwd = request.cwd.as_deref().map(Path::new).or(home.as_deref());
@@ -112,7 +132,12 @@ impl PtyManager {
             request.cols,
             request.rows,
         )
-        .map_err(|err| ServiceError::new(ServiceErrorCode::SpawnFailed, format!("cannot start {label}: {err}")))?;
+        .map_err(|err| {
+            ServiceError::new(
+                ServiceErrorCode::SpawnFailed,
+                format!("cannot start {label}: {err}"),
+            )
+        })?;
 
         let id = SessionId::new(uuid::Uuid::new_v4().to_string());
         let (controls, queue) = mpsc::channel(CONTROL_QUEUE);
@@ -132,7 +157,11 @@ impl PtyManager {
         tokio::spawn(async move {
             let code = session.run(master, queue).await;
             sessions.lock().unwrap().remove(&session_id);
-            let status = if code == 0 { TaskStatus::Completed } else { TaskStatus::Failed };
+            let status = if code == 0 {
+                TaskStatus::Completed
+            } else {
+                TaskStatus::Failed
+            };
             tasks.finish(task, status, Some(code)).await;
             drop(slot);
         });
@@ -146,15 +175,20 @@ impl PtyManager {
     pub fn control(&self, session_id: &SessionId, control: Control) -> Result<(), ServiceError> {
         let sender = self.sessions.lock().unwrap().get(session_id).cloned();
         let sender = sender.ok_or_else(|| {
-            ServiceError::new(ServiceErrorCode::UnknownSession, format!("no session {session_id}"))
+            ServiceError::new(
+                ServiceErrorCode::UnknownSession,
+                format!("no session {session_id}"),
+            )
         })?;
         sender.try_send(control).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => {
-                ServiceError::new(ServiceErrorCode::Busy, "the session is not keeping up with input")
-            }
-            mpsc::error::TrySendError::Closed(_) => {
-                ServiceError::new(ServiceErrorCode::UnknownSession, format!("session {session_id} has ended"))
-            }
+            mpsc::error::TrySendError::Full(_) => ServiceError::new(
+                ServiceErrorCode::Busy,
+                "the session is not keeping up with input",
+            ),
+            mpsc::error::TrySendError::Closed(_) => ServiceError::new(
+                ServiceErrorCode::UnknownSession,
+                format!("session {session_id} has ended"),
+            ),
         })
     }
 
@@ -178,9 +212,16 @@ fn login_shell() -> String {
         .ok()
         .flatten()
         .map(|user| user.shell)
-        .filter(|shell| shell.is_file() && !shell.ends_with("nologin") && !shell.ends_with("false"));
+        .filter(|shell| {
+            shell.is_file() && !shell.ends_with("nologin") && !shell.ends_with("false")
+        });
     from_passwd
-        .or_else(|| ["/bin/bash", "/usr/bin/bash"].into_iter().map(PathBuf::from).find(|p| p.is_file()))
+        .or_else(|| {
+            ["/bin/bash", "/usr/bin/bash"]
+                .into_iter()
+                .map(PathBuf::from)
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| PathBuf::from("/bin/sh"))
         .to_string_lossy()
         .into_owned()

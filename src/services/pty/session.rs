@@ -149,7 +149,11 @@ impl Session {
 
     /// Runs until the program has exited and its output is delivered (or
     /// given up on). Returns the exit code.
-    pub async fn run(mut self, master: AsyncFd<OwnedFd>, mut controls: mpsc::Receiver<Control>) -> i32 {
+    pub async fn run(
+        mut self,
+        master: AsyncFd<OwnedFd>,
+        mut controls: mpsc::Receiver<Control>,
+    ) -> i32 {
         let mut buf = vec![0u8; READ_BYTES];
         let out = self.out.clone();
         let mut controls_open = true;
@@ -220,8 +224,13 @@ impl Session {
         self.has_unsent() && window_open && !holding
     }
 
-    fn read_output(&mut self, mut guard: tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>, buf: &mut [u8]) {
-        match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(std::io::Error::from)) {
+    fn read_output(
+        &mut self,
+        mut guard: tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>,
+        buf: &mut [u8],
+    ) {
+        match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(std::io::Error::from))
+        {
             Ok(Ok(0)) => self.eof = true,
             Ok(Ok(n)) => self.ring.push(&buf[..n]),
             // EIO: every copy of the slave is closed.
@@ -236,7 +245,9 @@ impl Session {
 
     fn write_input(&mut self, mut guard: tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>) {
         let (front, _) = self.pending_input.as_slices();
-        match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), front).map_err(std::io::Error::from)) {
+        match guard
+            .try_io(|fd| nix::unistd::write(fd.get_ref(), front).map_err(std::io::Error::from))
+        {
             Ok(Ok(n)) => {
                 self.pending_input.drain(..n);
             }
@@ -258,7 +269,9 @@ impl Session {
         if n == 0 {
             // Only the start of a character so far: wait briefly for the rest.
             self.held_at = Some(self.ring.end());
-            self.deadlines.hold.get_or_insert(Instant::now() + HOLD_PARTIAL);
+            self.deadlines
+                .hold
+                .get_or_insert(Instant::now() + HOLD_PARTIAL);
             return;
         }
         self.held_at = None;

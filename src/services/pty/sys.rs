@@ -75,15 +75,14 @@ pub fn spawn(program: Program<'_>, cols: u16, rows: u16) -> std::io::Result<Spaw
     drop(command);
     let pid = child.id().expect("a just-spawned child has a pid");
     let flags = OFlag::from_bits_truncate(fcntl(pair.master.as_fd(), FcntlArg::F_GETFL)?);
-    fcntl(pair.master.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    fcntl(
+        pair.master.as_fd(),
+        FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK),
+    )?;
     // SAFETY: `OwnedFd` always returns the fd it owns, which stays open
     // until the `AsyncFd` (its only owner) is dropped.
     let master = unsafe { AsyncFd::register(pair.master) }.map_err(std::io::Error::from)?;
-    Ok(Spawned {
-        master,
-        child,
-        pid,
-    })
+    Ok(Spawned { master, child, pid })
 }
 
 /// Tells the terminal (and so the program, by SIGWINCH) its new size.
@@ -101,7 +100,11 @@ pub fn signal_session(sid: u32, signal: Signal) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if session_of(pid) == Some(sid) {
