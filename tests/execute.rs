@@ -204,16 +204,19 @@ async fn resource_limits_are_enforced() {
 }
 
 #[tokio::test]
-async fn process_limit_is_enforced_for_unprivileged_users() {
-    if nix::unistd::geteuid().is_root() {
-        // RLIMIT_NPROC does not apply to root (CAP_SYS_RESOURCE); the flag
-        // is still passed, and this test runs wherever tests are not root.
-        eprintln!("skipped: running as root");
-        return;
-    }
-    let mut rig = Rig::start(&[("COCOON_LIMIT_NPROC", "1")]).await;
-    let result = run(&mut rig, execute("sleep 0 & wait")).await;
+async fn process_limit_is_enforced() {
+    // RLIMIT_NPROC does not bind root, so the worker runs as `nobody` here
+    // (when the tests run as root) or as the unprivileged test user.
+    let as_nobody = nix::unistd::geteuid().is_root();
+    let mut rig = Rig::start_as(&[("COCOON_LIMIT_NPROC", "1")], as_nobody).await;
+    let result = run(&mut rig, execute("sleep 0 & wait; echo forked")).await;
     assert!(!result.success, "{result:?}");
+    assert_eq!(result.data.stdout, "", "the shell could not fork");
+    assert!(result.data.stderr.contains("Cannot fork"), "{result:?}");
+
+    // Within the limit the same worker runs commands fine.
+    let plain = run(&mut rig, execute("echo ok")).await;
+    assert_eq!(plain.data.stdout, "ok\n");
 }
 
 #[tokio::test]

@@ -382,28 +382,84 @@ async fn bad_requests_get_errors_and_leave_sessions_alone() {
     let id = terms.open(&mut rig, attach(Some(MARKED_SHELL))).await;
     let ghost = "00000000-0000-0000-0000-000000000000";
     let cases = [
-        (json!({"type": "attach_pty"}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "attach_pty", "cols": 80}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "attach_pty", "cols": 80, "rows": 70000}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "attach_pty", "cols": 2000, "rows": 24}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "attach_pty", "cols": -1, "rows": 24}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "attach_pty", "cols": 80, "rows": 24, "env": {"LD_PRELOAD": "x"}}), ServiceErrorCode::EnvRefused),
-        (json!({"type": "attach_pty", "cols": 80, "rows": 24, "cwd": "/nonexistent"}), ServiceErrorCode::SpawnFailed),
-        (json!({"type": "pty_input", "session_id": ghost, "data": "x"}), ServiceErrorCode::UnknownSession),
-        (json!({"type": "pty_input", "session_id": id, "data": "%%", "encoding": "base64"}), ServiceErrorCode::InvalidEncoding),
-        (json!({"type": "pty_input", "session_id": id, "data": "x", "encoding": "rot13"}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "pty_input", "session_id": id}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "pty_resize", "session_id": ghost, "cols": 80, "rows": 24}), ServiceErrorCode::UnknownSession),
-        (json!({"type": "pty_resize", "session_id": id, "cols": 80}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "pty_close", "session_id": ghost}), ServiceErrorCode::UnknownSession),
-        (json!({"type": "pty_close"}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "pty_ack", "session_id": ghost, "offset": 5}), ServiceErrorCode::UnknownSession),
-        (json!({"type": "proxy_http", "request_id": "r"}), ServiceErrorCode::InvalidRequest),
-        (json!({"type": "query_local", "query_id": "q"}), ServiceErrorCode::InvalidRequest),
+        (
+            json!({"type": "attach_pty"}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "attach_pty", "cols": 80}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "attach_pty", "cols": 80, "rows": 70000}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "attach_pty", "cols": 2000, "rows": 24}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "attach_pty", "cols": -1, "rows": 24}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "attach_pty", "cols": 80, "rows": 24, "env": {"LD_PRELOAD": "x"}}),
+            ServiceErrorCode::EnvRefused,
+        ),
+        (
+            json!({"type": "attach_pty", "cols": 80, "rows": 24, "cwd": "/nonexistent"}),
+            ServiceErrorCode::SpawnFailed,
+        ),
+        (
+            json!({"type": "pty_input", "session_id": ghost, "data": "x"}),
+            ServiceErrorCode::UnknownSession,
+        ),
+        (
+            json!({"type": "pty_input", "session_id": id, "data": "%%", "encoding": "base64"}),
+            ServiceErrorCode::InvalidEncoding,
+        ),
+        (
+            json!({"type": "pty_input", "session_id": id, "data": "x", "encoding": "rot13"}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "pty_input", "session_id": id}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "pty_resize", "session_id": ghost, "cols": 80, "rows": 24}),
+            ServiceErrorCode::UnknownSession,
+        ),
+        (
+            json!({"type": "pty_resize", "session_id": id, "cols": 80}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "pty_close", "session_id": ghost}),
+            ServiceErrorCode::UnknownSession,
+        ),
+        (
+            json!({"type": "pty_close"}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "pty_ack", "session_id": ghost, "offset": 5}),
+            ServiceErrorCode::UnknownSession,
+        ),
+        (
+            json!({"type": "proxy_http", "request_id": "r"}),
+            ServiceErrorCode::InvalidRequest,
+        ),
+        (
+            json!({"type": "query_local", "query_id": "q"}),
+            ServiceErrorCode::InvalidRequest,
+        ),
     ];
     for (payload, code) in cases {
         rig.send_json(payload.clone()).await;
-        let response = rig.recv_until(|r| matches!(r, Response::Error { .. }).then_some(r)).await;
+        let response = rig
+            .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
+            .await;
         assert!(
             matches!(&response, Response::Error { code: got, .. } if *got == code),
             "{payload}: {response:?}"

@@ -150,7 +150,26 @@ const WORKER_ENV: &[&str] = &[
 impl WorkerProcess {
     /// Starts `cocoon run --url URL --data-dir DIR` with extra environment.
     pub fn spawn(url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cocoon"));
+        Self::spawn_with(
+            Command::new(env!("CARGO_BIN_EXE_cocoon")),
+            url,
+            data_dir,
+            env,
+        )
+    }
+
+    /// Like [`WorkerProcess::spawn`], as the unprivileged user `nobody`
+    /// (needs root; the data dir is handed to that user).
+    pub fn spawn_as_nobody(url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        std::os::unix::fs::chown(data_dir, Some(65534), Some(65534)).expect("chown the data dir");
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_cocoon"));
+        Self::spawn_with(command, url, data_dir, env)
+    }
+
+    fn spawn_with(mut command: Command, url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
         command
             .arg("run")
             .arg("--url")
@@ -316,13 +335,22 @@ pub struct Rig {
 impl Rig {
     /// Starts a server, a worker (with extra environment) and a client.
     pub async fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_as(env, false).await
+    }
+
+    /// Like [`Rig::start`], with the worker running as `nobody` if asked.
+    pub async fn start_as(env: &[(&str, &str)], nobody: bool) -> Self {
         let server_dir = tempfile::tempdir().unwrap();
         let worker_dir = tempfile::tempdir().unwrap();
         let server = TestServer::start(server_dir.path()).await;
         let setup = server.token(TokenKind::Setup, "alice");
         let mut all_env = vec![("COCOON_SETUP_TOKEN", setup.expose())];
         all_env.extend_from_slice(env);
-        let mut worker = WorkerProcess::spawn(&server.url(), worker_dir.path(), &all_env);
+        let mut worker = if nobody {
+            WorkerProcess::spawn_as_nobody(&server.url(), worker_dir.path(), &all_env)
+        } else {
+            WorkerProcess::spawn(&server.url(), worker_dir.path(), &all_env)
+        };
         let line = worker.expect_line("🆔 Device ID: ").await;
         let device_id = line
             .split("Device ID: ")
