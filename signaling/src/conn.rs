@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::hub::{ClientGuard, DeviceGuard, Hub, OUTBOX_CAPACITY, Outbound, Outbox, Reject};
-use crate::protocol::{ErrorCode, FromServer, ToServer, decode_to_server};
+use crate::protocol::{ClientId, DeviceId, ErrorCode, FromServer, ToServer, decode_relay, decode_to_server};
 
 /// The clock of a connection's liveness.
 #[derive(Debug, Clone, Copy)]
@@ -78,8 +78,11 @@ pub async fn serve(
             }
             Ok(None | Some(Err(_)) | Some(Ok(Message::Close(_)))) => break,
             Ok(Some(Ok(Message::Text(text)))) => text,
-            Ok(Some(Ok(Message::Binary(_)))) => {
-                reply(&outbox, Reject::unsupported_binary());
+            Ok(Some(Ok(Message::Binary(bytes)))) => {
+                if let Err(reject) = relay(&mut role, bytes).await {
+                    reply(&outbox, reject);
+                }
+                extend_idle(&role, &mut deadline, timeouts.idle);
                 continue;
             }
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {
@@ -130,11 +133,21 @@ fn extend_idle(role: &Role, deadline: &mut Instant, idle: Duration) {
     }
 }
 
-impl Reject {
-    fn unsupported_binary() -> Self {
-        Reject {
-            code: ErrorCode::UnsupportedFrame,
-            message: "binary frames are not supported; send JSON text frames".into(),
+/// Routes a binary relay message from an identified peer.
+async fn relay(role: &mut Role, message: bytes::Bytes) -> Result<(), Reject> {
+    let (address, frame) = decode_relay(message).map_err(|err| Reject {
+        code: err.code,
+        message: err.message,
+    })?;
+    match role {
+        Role::Pending => Err(Reject {
+            code: ErrorCode::NotAuthenticated,
+            message: "send register (workers) or authenticate (clients) first".into(),
+        }),
+        Role::Worker(device) => device.relay_to_client(&ClientId::new(address), &frame),
+        Role::Client(client) => {
+            let device_id = (!address.is_empty()).then(|| DeviceId::new(address));
+            client.relay_to_device(device_id, &frame).await
         }
     }
 }
@@ -267,6 +280,7 @@ async fn write_loop(
         let result = tokio::select! {
             item = queue.recv() => match item {
                 Some(Outbound::Message(message)) => sink.send(encode(&message)).await,
+                Some(Outbound::Binary(bytes)) => sink.send(Message::Binary(bytes)).await,
                 Some(Outbound::Close(message)) => {
                     let _ = sink.send(encode(&message)).await;
                     break;

@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 
 use crate::auth::{TokenError, TokenKey, TokenKind};
 use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
-use crate::protocol::{ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, UserId};
+use crate::protocol::{
+    ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, UserId, encode_relay,
+};
 use crate::store::Store;
 
 /// Messages queued for one connection's writer.
@@ -27,6 +29,8 @@ pub const OUTBOX_CAPACITY: usize = 256;
 pub enum Outbound {
     /// Send this message.
     Message(FromServer),
+    /// Send this binary relay message.
+    Binary(bytes::Bytes),
     /// Send this (fatal) error, then close the socket.
     Close(FromServer),
 }
@@ -97,6 +101,10 @@ struct Routes {
 pub struct Hub {
     routes: Mutex<Routes>,
     next_conn: AtomicU64,
+    /// Bytes of binary relay messages delivered (the relay's traffic).
+    relayed_bytes: AtomicU64,
+    /// `sync_data` and relay messages delivered.
+    relayed_messages: AtomicU64,
     store: Store,
     salt: Vec<u8>,
     tokens: TokenKey,
@@ -135,6 +143,8 @@ impl Hub {
         Self {
             routes: Mutex::default(),
             next_conn: AtomicU64::new(1),
+            relayed_bytes: AtomicU64::new(0),
+            relayed_messages: AtomicU64::new(0),
             store,
             salt,
             tokens,
@@ -151,6 +161,21 @@ impl Hub {
     pub fn counts(&self) -> (usize, usize) {
         let routes = self.routes.lock().unwrap();
         (routes.devices.len(), routes.clients.len())
+    }
+
+    /// Relay traffic so far: binary bytes, and messages of either kind.
+    pub fn relayed(&self) -> (u64, u64) {
+        (
+            self.relayed_bytes.load(Ordering::Relaxed),
+            self.relayed_messages.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count_relayed(&self, outbound: &Outbound) {
+        if let Outbound::Binary(bytes) = outbound {
+            self.relayed_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        self.relayed_messages.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Checks a worker's registration and puts its route up. Returns the
@@ -392,10 +417,9 @@ fn broadcast_status(routes: &Routes, owner: &UserId, device_id: &DeviceId, onlin
 }
 
 /// Queues a message without waiting; a full queue is reported, not awaited.
-fn deliver(outbox: &Outbox, message: FromServer, gone: Reject) -> Result<(), Reject> {
-    outbox
-        .try_send(Outbound::Message(message))
-        .map_err(|err| match err {
+fn deliver(hub: &Hub, outbox: &Outbox, outbound: Outbound, gone: Reject) -> Result<(), Reject> {
+    hub.count_relayed(&outbound);
+    outbox.try_send(outbound).map_err(|err| match err {
             mpsc::error::TrySendError::Full(_) => Reject::new(
                 ErrorCode::PeerBacklogged,
                 "the receiver is not keeping up; the message was dropped",
@@ -407,22 +431,27 @@ fn deliver(outbox: &Outbox, message: FromServer, gone: Reject) -> Result<(), Rej
 impl DeviceGuard {
     /// Sends a worker's `sync_data` to one client of the device's owner.
     pub fn send_to_client(&self, client_id: &ClientId, payload: Value) -> Result<(), Reject> {
-        let gone = || {
-            Reject::new(
-                ErrorCode::ClientGone,
-                format!("client {client_id} is not connected"),
-            )
-        };
-        let outbox = self
-            .hub
-            .client_outbox(client_id, self.owner.as_ref())
-            .ok_or_else(gone)?;
         let message = FromServer::SyncData {
             payload,
             device_id: Some(self.device_id.clone()),
             client_id: None,
         };
-        deliver(&outbox, message, gone())
+        self.to_client(client_id, Outbound::Message(message))
+    }
+
+    /// Relays a session frame to one client of the device's owner.
+    pub fn relay_to_client(&self, client_id: &ClientId, frame: &[u8]) -> Result<(), Reject> {
+        let message = encode_relay(self.device_id.as_str(), frame);
+        self.to_client(client_id, Outbound::Binary(message))
+    }
+
+    fn to_client(&self, client_id: &ClientId, outbound: Outbound) -> Result<(), Reject> {
+        let gone = || Reject::new(ErrorCode::ClientGone, format!("client {client_id} is not connected"));
+        let outbox = self
+            .hub
+            .client_outbox(client_id, self.owner.as_ref())
+            .ok_or_else(gone)?;
+        deliver(&self.hub, &outbox, outbound, gone())
     }
 }
 
@@ -468,11 +497,23 @@ impl ClientGuard {
 
     /// Sends a client's `sync_data` to a device it owns: the one named, else
     /// the selected one, else its only online device.
-    pub async fn send_to_device(
-        &mut self,
-        device_id: Option<DeviceId>,
-        payload: Value,
-    ) -> Result<(), Reject> {
+    pub async fn send_to_device(&mut self, device_id: Option<DeviceId>, payload: Value) -> Result<(), Reject> {
+        let message = FromServer::SyncData {
+            payload,
+            device_id: None,
+            client_id: Some(self.client_id.clone()),
+        };
+        self.to_device(device_id, Outbound::Message(message)).await
+    }
+
+    /// Relays a session frame to a device it owns (addressed as for
+    /// [`ClientGuard::send_to_device`]).
+    pub async fn relay_to_device(&mut self, device_id: Option<DeviceId>, frame: &[u8]) -> Result<(), Reject> {
+        let message = encode_relay(self.client_id.as_str(), frame);
+        self.to_device(device_id, Outbound::Binary(message)).await
+    }
+
+    async fn to_device(&mut self, device_id: Option<DeviceId>, outbound: Outbound) -> Result<(), Reject> {
         let device_id = device_id
             .or_else(|| self.selected.clone())
             .or_else(|| self.hub.sole_online_device(&self.owner))
@@ -482,20 +523,9 @@ impl ClientGuard {
                     "no device addressed: set device_id, or select_device first",
                 )
             })?;
-        let outbox = self
-            .hub
-            .owned_device_outbox(&self.owner, &device_id)
-            .await?;
-        let message = FromServer::SyncData {
-            payload,
-            device_id: None,
-            client_id: Some(self.client_id.clone()),
-        };
-        let offline = Reject::new(
-            ErrorCode::DeviceOffline,
-            format!("device {device_id} is offline"),
-        );
-        deliver(&outbox, message, offline)?;
+        let outbox = self.hub.owned_device_outbox(&self.owner, &device_id).await?;
+        let offline = Reject::new(ErrorCode::DeviceOffline, format!("device {device_id} is offline"));
+        deliver(&self.hub, &outbox, outbound, offline)?;
         if !self.talked_to.contains(&device_id) {
             self.talked_to.push(device_id);
         }

@@ -288,14 +288,19 @@ struct Health {
     status: &'static str,
     devices_online: usize,
     clients: usize,
+    relayed_bytes: u64,
+    relayed_messages: u64,
 }
 
 async fn health(State(state): State<AppState>) -> Json<Health> {
     let (devices_online, clients) = state.hub.counts();
+    let (relayed_bytes, relayed_messages) = state.hub.relayed();
     Json(Health {
         status: "ok",
         devices_online,
         clients,
+        relayed_bytes,
+        relayed_messages,
     })
 }
 

@@ -67,6 +67,7 @@ string_id!(
     UserId
 );
 
+pub mod frame;
 pub mod service;
 
 /// A secret string: a device secret or a token. Its `Debug` never shows the
@@ -237,8 +238,6 @@ pub enum ErrorCode {
     InvalidMessage,
     /// The frame is larger than [`MAX_MESSAGE_BYTES`].
     MessageTooLarge,
-    /// Binary frames are not part of this protocol version.
-    UnsupportedFrame,
     /// The message needs a `register` or `authenticate` first.
     NotAuthenticated,
     /// `register` or `authenticate` on a connection that already did one.
@@ -283,6 +282,48 @@ impl ErrorCode {
                 | Self::HandshakeTimeout
         )
     }
+}
+
+/// Largest binary relay message: an address of up to 255 bytes and a frame.
+pub const MAX_RELAY_BYTES: usize = 1 + 255 + frame::MAX_FRAME;
+
+/// Wraps a session frame for the relay: `[address length u8][address][frame]`.
+/// Senders address the peer (a device id, or a client id from a worker; an
+/// empty address from a client means its selected or only device); the
+/// server replaces the address with the sender's before delivering it.
+pub fn encode_relay(address: &str, frame: &[u8]) -> bytes::Bytes {
+    let address = address.as_bytes();
+    let len = u8::try_from(address.len()).expect("ids are short");
+    let mut out = bytes::BytesMut::with_capacity(1 + address.len() + frame.len());
+    out.extend_from_slice(&[len]);
+    out.extend_from_slice(address);
+    out.extend_from_slice(frame);
+    out.freeze()
+}
+
+/// Splits a binary relay message into its address and frame.
+pub fn decode_relay(message: bytes::Bytes) -> Result<(String, bytes::Bytes), DecodeError> {
+    let bad = |why: &str| DecodeError {
+        code: ErrorCode::InvalidMessage,
+        message: format!("invalid relay message: {why}"),
+    };
+    if message.len() > MAX_RELAY_BYTES {
+        return Err(DecodeError {
+            code: ErrorCode::MessageTooLarge,
+            message: format!(
+                "relay message of {} bytes exceeds {MAX_RELAY_BYTES}",
+                message.len()
+            ),
+        });
+    }
+    let len = *message.first().ok_or_else(|| bad("empty"))? as usize;
+    if message.len() < 1 + len {
+        return Err(bad("address runs past the end"));
+    }
+    let address = std::str::from_utf8(&message[1..1 + len])
+        .map_err(|_| bad("address is not UTF-8"))?
+        .to_owned();
+    Ok((address, message.slice(1 + len..)))
 }
 
 /// Why a text frame could not be decoded, as the error reply to send.
