@@ -26,4 +26,5 @@ pub mod link;
 pub mod services;
 pub mod tls;
 pub mod up;
+pub mod session;
 pub mod worker;

@@ -35,6 +35,7 @@ fn attach(command: Option<&str>) -> AttachPty {
         env: None,
         cwd: None,
         flow_control: false,
+        stream: None,
     }
 }
 

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use cocoon_signaling::protocol::{FromServer, MAX_MESSAGE_BYTES, ToServer};
+use anyhow::Context;
+use bytes::Bytes;
+use cocoon_signaling::protocol::{FromServer, MAX_MESSAGE_BYTES, ToServer, decode_relay, encode_relay};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -13,6 +14,21 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 /// Time allowed for TCP, TLS and the WebSocket handshake together.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What arrives from the signaling server.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A protocol message.
+    Message(FromServer),
+    /// A relayed session frame and who sent it (a device id for clients, a
+    /// client id for workers).
+    Relay {
+        /// The sender.
+        from: String,
+        /// The frame.
+        frame: Bytes,
+    },
+}
 
 /// A connection to the signaling server.
 pub struct WsLink {
@@ -47,9 +63,18 @@ impl WsLink {
             .context("signaling connection lost")
     }
 
-    /// The next message; `None` when the server closed the connection.
-    /// Control frames are answered by the WebSocket layer and skipped here.
-    pub async fn recv(&mut self) -> anyhow::Result<Option<FromServer>> {
+    /// Relays a session frame to `to` (see [`encode_relay`]).
+    pub async fn send_relay(&mut self, to: &str, frame: &[u8]) -> anyhow::Result<()> {
+        self.stream
+            .send(Message::Binary(encode_relay(to, frame)))
+            .await
+            .context("signaling connection lost")
+    }
+
+    /// The next message or relayed frame; `None` when the server closed the
+    /// connection. Control frames are answered by the WebSocket layer and
+    /// skipped here. Cancel-safe.
+    pub async fn recv_any(&mut self) -> anyhow::Result<Option<Incoming>> {
         loop {
             let frame = match self.stream.next().await {
                 None | Some(Ok(Message::Close(_))) => return Ok(None),
@@ -57,12 +82,28 @@ impl WsLink {
             };
             match frame {
                 Message::Text(text) => {
-                    return serde_json::from_str(&text).map(Some).with_context(|| {
+                    let message = serde_json::from_str(&text).with_context(|| {
                         format!("unexpected message from the server: {}", text.as_str())
-                    });
+                    })?;
+                    return Ok(Some(Incoming::Message(message)));
                 }
-                Message::Binary(_) => bail!("unexpected binary frame from the server"),
+                Message::Binary(bytes) => {
+                    let (from, frame) =
+                        decode_relay(bytes).map_err(|err| anyhow::anyhow!(err.message))?;
+                    return Ok(Some(Incoming::Relay { from, frame }));
+                }
                 _ => continue,
+            }
+        }
+    }
+
+    /// The next protocol message, skipping relayed frames.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<FromServer>> {
+        loop {
+            match self.recv_any().await? {
+                Some(Incoming::Message(message)) => return Ok(Some(message)),
+                Some(Incoming::Relay { .. }) => continue,
+                None => return Ok(None),
             }
         }
     }

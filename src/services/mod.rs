@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use cocoon_signaling::protocol::ClientId;
 use cocoon_signaling::protocol::service::{Request, Response, ServiceErrorCode, SessionId};
+use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -26,19 +27,76 @@ use proxy::Proxy;
 use pty::{Control, PtyManager};
 use query::Queries;
 
-/// A reply or output for one client.
+/// Something on its way to a client: through the signaling connection
+/// (JSON responses and relay frames) or through the client's session-layer
+/// peer (responses for its control stream and terminal stream bytes).
 #[derive(Debug)]
-pub struct Outgoing {
-    /// Who it is for.
-    pub client: ClientId,
-    /// What it is.
-    pub response: Response,
+pub enum Outgoing {
+    /// A response.
+    Response {
+        /// Who it is for.
+        client: ClientId,
+        /// What it is.
+        response: Response,
+    },
+    /// Terminal bytes for a session-layer stream.
+    Stream {
+        /// Who it is for.
+        client: ClientId,
+        /// The stream.
+        stream: u32,
+        /// Offset of the first byte.
+        offset: u64,
+        /// The bytes.
+        bytes: Bytes,
+    },
+    /// A session-layer stream ends at `offset`.
+    StreamEnd {
+        /// Who it is for.
+        client: ClientId,
+        /// The stream.
+        stream: u32,
+        /// Its length.
+        offset: u64,
+    },
+    /// An encoded session frame for the relay.
+    Frame {
+        /// Who it is for.
+        client: ClientId,
+        /// The frame.
+        frame: Bytes,
+    },
 }
 
 impl Outgoing {
-    /// Pairs a response with its client.
+    /// A response for a client.
     pub fn new(client: ClientId, response: Response) -> Self {
-        Self { client, response }
+        Self::Response { client, response }
+    }
+}
+
+/// Where replies to a request go: the client, and the queue that reaches it
+/// (the signaling connection, or the client's session-layer peer).
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    /// The client.
+    pub client: ClientId,
+    /// The queue.
+    pub out: mpsc::Sender<Outgoing>,
+}
+
+impl ReplyTo {
+    /// Queues a small reply without waiting; a full queue drops it (the
+    /// link is down or far behind, and the client will time out).
+    pub fn try_send(&self, response: Response) {
+        if self.out.try_send(Outgoing::new(self.client.clone(), response)).is_err() {
+            tracing::warn!(client_id = %self.client, "reply dropped: the outbound queue is full");
+        }
+    }
+
+    /// Sends a reply, waiting for room.
+    pub async fn send(&self, response: Response) {
+        let _ = self.out.send(Outgoing::new(self.client.clone(), response)).await;
     }
 }
 
@@ -81,44 +139,37 @@ pub struct Services {
     ptys: PtyManager,
     proxy: Proxy,
     queries: Queries,
-    out: mpsc::Sender<Outgoing>,
 }
 
 impl Services {
     /// Services that send their replies to `out`.
-    pub fn new(
-        exec: Arc<Executor>,
-        ptys: PtyManager,
-        proxy: Proxy,
-        queries: Queries,
-        out: mpsc::Sender<Outgoing>,
-    ) -> Arc<Self> {
+    pub fn new(exec: Arc<Executor>, ptys: PtyManager, proxy: Proxy, queries: Queries) -> Arc<Self> {
         Arc::new(Self {
             exec,
             ptys,
             proxy,
             queries,
-            out,
         })
     }
 
-    /// Handles one payload from `client` without waiting for slow work.
-    pub fn handle(self: &Arc<Self>, client: ClientId, payload: Value) {
+    /// The PTY sessions.
+    pub fn ptys(&self) -> &PtyManager {
+        &self.ptys
+    }
+
+    /// Handles one payload without waiting for slow work; replies go to `reply`.
+    pub fn handle(self: &Arc<Self>, reply: ReplyTo, payload: Value) {
         let request = match Request::decode(payload) {
             Ok(request) => request,
             Err((code, message)) => {
-                return self.reply(
-                    client,
-                    ServiceError::new(code, message).into_response(None, None),
-                );
+                return reply.try_send(ServiceError::new(code, message).into_response(None, None));
             }
         };
         match request {
             Request::Execute(request) => {
                 let services = self.clone();
                 tokio::spawn(async move {
-                    let response = services.exec.execute(request).await;
-                    services.send(client, response).await;
+                    reply.send(services.exec.execute(request).await).await;
                 });
             }
             Request::AttachPty(request) => {
@@ -127,10 +178,10 @@ impl Services {
                     let request_id = request.request_id.clone();
                     let response = services
                         .ptys
-                        .attach(client.clone(), request)
+                        .attach(reply.clone(), request)
                         .await
                         .unwrap_or_else(|err| err.into_response(request_id, None));
-                    services.send(client, response).await;
+                    reply.send(response).await;
                 });
             }
             Request::PtyInput {
@@ -138,17 +189,17 @@ impl Services {
                 data,
                 encoding,
             } => match encoding.decode(&data) {
-                Ok(bytes) => self.pty_control(client, session_id, Control::Input(bytes)),
+                Ok(bytes) => self.pty_control(&reply, session_id, Control::Input(bytes)),
                 Err(err) => {
                     let err = ServiceError::new(
                         ServiceErrorCode::InvalidEncoding,
                         format!("bad base64 input: {err}"),
                     );
-                    self.reply(client, err.into_response(None, Some(session_id)));
+                    reply.try_send(err.into_response(None, Some(session_id)));
                 }
             },
             Request::PtyAck { session_id, offset } => {
-                self.pty_control(client, session_id, Control::Ack(offset))
+                self.pty_control(&reply, session_id, Control::Ack(offset))
             }
             Request::PtyResize {
                 session_id,
@@ -167,25 +218,23 @@ impl Services {
                             pty::MAX_TERMINAL_SIDE
                         ),
                     );
-                    return self.reply(client, err.into_response(None, Some(session_id)));
+                    return reply.try_send(err.into_response(None, Some(session_id)));
                 }
-                self.pty_control(client, session_id, Control::Resize(cols, rows))
+                self.pty_control(&reply, session_id, Control::Resize(cols, rows))
             }
             Request::PtyClose { session_id } => {
-                self.pty_control(client, session_id, Control::Close)
+                self.pty_control(&reply, session_id, Control::Close)
             }
             Request::ProxyHttp(request) => {
                 let services = self.clone();
                 tokio::spawn(async move {
-                    let result = services.proxy.handle(request).await;
-                    services.send(client, Response::ProxyResult(result)).await;
+                    reply.send(Response::ProxyResult(services.proxy.handle(request).await)).await;
                 });
             }
             Request::QueryLocal(request) => {
                 let services = self.clone();
                 tokio::spawn(async move {
-                    let response = services.queries.handle(request).await;
-                    services.send(client, response).await;
+                    reply.send(services.queries.handle(request).await).await;
                 });
             }
         }
@@ -196,22 +245,9 @@ impl Services {
         self.ptys.client_left(client);
     }
 
-    fn pty_control(&self, client: ClientId, session_id: SessionId, control: Control) {
+    fn pty_control(&self, reply: &ReplyTo, session_id: SessionId, control: Control) {
         if let Err(err) = self.ptys.control(&session_id, control) {
-            self.reply(client, err.into_response(None, Some(session_id)));
+            reply.try_send(err.into_response(None, Some(session_id)));
         }
-    }
-
-    /// Queues a small reply without waiting; a full queue drops it (the
-    /// link is down or far behind, and the client will time out).
-    fn reply(&self, client: ClientId, response: Response) {
-        if self.out.try_send(Outgoing::new(client, response)).is_err() {
-            tracing::warn!("reply dropped: the outbound queue is full");
-        }
-    }
-
-    /// Sends a reply, waiting for room in the outbound queue.
-    async fn send(&self, client: ClientId, response: Response) {
-        let _ = self.out.send(Outgoing::new(client, response)).await;
     }
 }

@@ -188,6 +188,10 @@ pub struct AttachPty {
     /// (see "Flow control" in docs/PROTOCOL.md).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub flow_control: bool,
+    /// On a session-layer control stream: the stream number that carries
+    /// this terminal's bytes (output from the worker, input to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u32>,
 }
 
 /// A header value: one string, or several for repeated headers.
@@ -286,6 +290,9 @@ pub enum Response {
         /// From the request.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,
+        /// From the request: the stream of the terminal's bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<u32>,
     },
     /// Terminal output, in order.
     PtyOutput {

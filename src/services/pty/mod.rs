@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::process::{EnvPolicy, Limits};
 use super::tasks::{TaskKind, TaskStatus, TaskStore};
-use super::{Outgoing, ServiceError};
+use super::{ReplyTo, ServiceError};
 pub use session::Control;
 use session::Session;
 
@@ -60,17 +60,11 @@ pub struct PtyManager {
     shell: String,
     sessions: Arc<Mutex<HashMap<SessionId, mpsc::Sender<Control>>>>,
     slots: Arc<Semaphore>,
-    out: mpsc::Sender<Outgoing>,
 }
 
 impl PtyManager {
-    /// A manager whose sessions send their output to `out`.
-    pub fn new(
-        config: PtyConfig,
-        env: EnvPolicy,
-        tasks: TaskStore,
-        out: mpsc::Sender<Outgoing>,
-    ) -> Self {
+    /// A manager of no sessions yet.
+    pub fn new(config: PtyConfig, env: EnvPolicy, tasks: TaskStore) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_sessions));
         Self {
             config: Arc::new(config),
@@ -79,16 +73,11 @@ impl PtyManager {
             shell: login_shell(),
             sessions: Arc::default(),
             slots,
-            out,
         }
     }
 
-    /// Starts a session for `client`.
-    pub async fn attach(
-        &self,
-        client: ClientId,
-        request: AttachPty,
-    ) -> Result<Response, ServiceError> {
+    /// Starts a session whose output goes where `reply` points.
+    pub async fn attach(&self, reply: ReplyTo, request: AttachPty) -> Result<Response, ServiceError> {
         for (side, value) in [("cols", request.cols), ("rows", request.rows)] {
             if value == 0 || value > MAX_TERMINAL_SIDE {
                 return Err(ServiceError::new(
@@ -147,9 +136,9 @@ impl PtyManager {
             id.clone(),
             self.config.clone(),
             spawned,
-            client,
-            request.flow_control,
-            self.out.clone(),
+            reply,
+            request.stream,
+            request.flow_control || request.stream.is_some(),
         );
         let sessions = self.sessions.clone();
         let tasks = self.tasks.clone();
@@ -168,6 +157,7 @@ impl PtyManager {
         Ok(Response::PtyCreated {
             session_id: id,
             request_id: request.request_id,
+            stream: request.stream,
         })
     }
 

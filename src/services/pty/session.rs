@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cocoon_signaling::protocol::ClientId;
+use cocoon_signaling::protocol::frame::MAX_DATA;
 use cocoon_signaling::protocol::service::{Encoding, Response, SessionId};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
@@ -22,7 +23,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::PtyConfig;
 use super::sys::{self, Spawned};
-use crate::services::Outgoing;
+use crate::services::{Outgoing, ReplyTo};
 use crate::services::process::exit_code;
 use crate::services::ring::{OutputRing, utf8_cut};
 
@@ -54,11 +55,16 @@ pub enum Control {
     Close,
     /// A client disconnected.
     ClientLeft(ClientId),
+    /// The link changed: send again everything not acknowledged.
+    Rewind,
 }
 
 /// Where output goes and how much may be in flight.
 struct Viewer {
-    client: Option<ClientId>,
+    /// The client and its queue; `None` while detached.
+    to: Option<ReplyTo>,
+    /// Session-layer stream of the output; `None`: `pty_output` messages.
+    stream: Option<u32>,
     sent: u64,
     acked: u64,
     flow_control: bool,
@@ -110,7 +116,6 @@ pub struct Session {
     exit_code: Option<i32>,
     deadlines: Deadlines,
     expired: Expired,
-    out: mpsc::Sender<Outgoing>,
 }
 
 impl Session {
@@ -120,9 +125,9 @@ impl Session {
         id: SessionId,
         config: Arc<PtyConfig>,
         spawned: Spawned,
-        client: ClientId,
+        to: ReplyTo,
+        stream: Option<u32>,
         flow_control: bool,
-        out: mpsc::Sender<Outgoing>,
     ) -> (Self, AsyncFd<OwnedFd>) {
         let session = Self {
             id,
@@ -131,7 +136,8 @@ impl Session {
             child: spawned.child,
             pid: spawned.pid,
             viewer: Viewer {
-                client: Some(client),
+                to: Some(to),
+                stream,
                 sent: 0,
                 acked: 0,
                 flow_control,
@@ -142,7 +148,6 @@ impl Session {
             exit_code: None,
             deadlines: Deadlines::default(),
             expired: Expired::default(),
-            out,
         };
         (session, spawned.master)
     }
@@ -155,13 +160,14 @@ impl Session {
         mut controls: mpsc::Receiver<Control>,
     ) -> i32 {
         let mut buf = vec![0u8; READ_BYTES];
-        let out = self.out.clone();
         let mut controls_open = true;
         loop {
             if self.finished() {
                 break;
             }
             let can_send = self.can_send();
+            // The viewer may change between turns; the sender is cheap to clone.
+            let out = self.viewer.to.as_ref().map(|to| to.out.clone());
             let timer = self.deadlines.next();
             tokio::select! {
                 ready = master.readable(), if !self.eof => match ready {
@@ -180,7 +186,7 @@ impl Session {
                         self.hang_up();
                     }
                 },
-                permit = out.reserve(), if can_send => {
+                permit = reserve(out.as_ref()), if can_send => {
                     if let Ok(permit) = permit {
                         self.send_output(permit);
                     }
@@ -194,12 +200,22 @@ impl Session {
             }
         }
         let code = self.exit_code.unwrap_or(-1);
-        if let Some(client) = self.viewer.client.take() {
-            let exited = Response::PtyExited {
-                session_id: self.id.clone(),
-                exit_code: code,
+        if let Some(to) = self.viewer.to.take() {
+            let deliver = async {
+                if let Some(stream) = self.viewer.stream {
+                    let end = Outgoing::StreamEnd {
+                        client: to.client.clone(),
+                        stream,
+                        offset: self.viewer.sent,
+                    };
+                    let _ = to.out.send(end).await;
+                }
+                to.send(Response::PtyExited {
+                    session_id: self.id.clone(),
+                    exit_code: code,
+                })
+                .await;
             };
-            let deliver = self.out.send(Outgoing::new(client, exited));
             let _ = tokio::time::timeout(FLUSH_AFTER_EXIT, deliver).await;
         }
         code
@@ -214,7 +230,7 @@ impl Session {
     }
 
     fn has_unsent(&self) -> bool {
-        self.viewer.client.is_some() && self.ring.end() > self.viewer.sent.max(self.ring.start())
+        self.viewer.to.is_some() && self.ring.end() > self.viewer.sent.max(self.ring.start())
     }
 
     fn can_send(&self) -> bool {
@@ -260,9 +276,22 @@ impl Session {
     }
 
     fn send_output(&mut self, permit: mpsc::Permit<'_, Outgoing>) {
-        let Some(client) = self.viewer.client.clone() else {
+        let Some(client) = self.viewer.to.as_ref().map(|to| to.client.clone()) else {
             return;
         };
+        if let Some(stream) = self.viewer.stream {
+            // Raw bytes: no character boundaries to respect.
+            let (from, bytes) = self.ring.read(self.viewer.sent, MAX_DATA);
+            self.skip_to(from);
+            self.viewer.sent = from + bytes.len() as u64;
+            permit.send(Outgoing::Stream {
+                client,
+                stream,
+                offset: from,
+                bytes: bytes.into(),
+            });
+            return;
+        }
         let (from, bytes) = self.ring.read(self.viewer.sent, CHUNK_BYTES);
         let force = self.expired.hold || self.exit_code.is_some();
         let (n, is_text) = utf8_cut(&bytes, force);
@@ -277,12 +306,7 @@ impl Session {
         self.held_at = None;
         self.deadlines.hold = None;
         self.expired.hold = false;
-        if from > self.viewer.sent {
-            // Skipped output that fell out of the ring: what was in flight
-            // stays in flight; the skipped bytes will never be acked.
-            let in_flight = self.viewer.sent - self.viewer.acked;
-            self.viewer.acked = from - in_flight;
-        }
+        self.skip_to(from);
         let chunk = &bytes[..n];
         let (data, encoding) = if is_text {
             (String::from_utf8_lossy(chunk).into_owned(), Encoding::Utf8)
@@ -299,6 +323,15 @@ impl Session {
                 offset: Some(from),
             },
         ));
+    }
+
+    /// Output up to `from` fell out of the ring before it was sent: what
+    /// was in flight stays in flight; the skipped bytes will never be acked.
+    fn skip_to(&mut self, from: u64) {
+        if from > self.viewer.sent {
+            let in_flight = self.viewer.sent - self.viewer.acked;
+            self.viewer.acked = from - in_flight;
+        }
     }
 
     fn control(&mut self, master: &AsyncFd<OwnedFd>, control: Control) {
@@ -321,11 +354,12 @@ impl Session {
             }
             Control::Close => self.hang_up(),
             Control::ClientLeft(client) => {
-                if self.viewer.client.as_ref() == Some(&client) {
-                    self.viewer.client = None;
+                if self.viewer.to.as_ref().is_some_and(|to| to.client == client) {
+                    self.viewer.to = None;
                     self.deadlines.detach = Some(Instant::now() + self.config.detach_timeout);
                 }
             }
+            Control::Rewind => self.viewer.sent = self.viewer.acked,
         }
     }
 
@@ -371,6 +405,17 @@ impl Session {
         }
         self.expired.drain |= fired(&mut self.deadlines.drain);
         self.expired.flush |= fired(&mut self.deadlines.flush);
+    }
+}
+
+/// Waits for room in the viewer's queue (forever when there is no viewer;
+/// the caller only asks when there is one).
+async fn reserve(
+    out: Option<&mpsc::Sender<Outgoing>>,
+) -> Result<mpsc::Permit<'_, Outgoing>, mpsc::error::SendError<()>> {
+    match out {
+        Some(out) => out.reserve().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -21,13 +21,13 @@ use crate::services::proxy::{Proxy, ProxyConfig};
 use crate::services::pty::{PtyConfig, PtyManager};
 use crate::services::query::{Queries, QueryConfig};
 use crate::services::tasks::TaskStore;
-use crate::services::{Outgoing, Services};
+use crate::services::Services;
+use connection::{Ended, Node};
+
+mod connection;
 
 /// How long the worker waits for the server's answer to `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// With no frame from the server (it pings every 20 s) for this long, the
-/// connection is presumed dead.
-const SERVER_SILENCE: Duration = Duration::from_secs(60);
 
 /// Everything the worker needs, resolved from flags, environment and defaults.
 #[derive(Debug, Clone)]
@@ -81,35 +81,18 @@ impl From<WorkerArgs> for WorkerConfig {
 /// Replies waiting for the signaling connection.
 const OUTBOUND_QUEUE: usize = 256;
 
-/// Why a connection ended.
-enum Ended {
-    /// Shutdown was requested.
-    Shutdown,
-    /// The registered connection dropped.
-    Lost,
-}
-
 /// Runs the worker until `shutdown` fires or the server refuses it for good.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     println!("🐛 Cocoon starting");
     check_data_dir(&config.data_dir)?;
     let mut identity = Identity::load(&config.data_dir, config.secret.clone())?;
     let tls = crate::tls::client_config(config.ca_file.as_deref())?;
-    let (services, mut outbound) = start_services(&config)?;
+    let mut node = start_services(&config)?;
     warn_if_plaintext(&config.url);
     println!("🔗 Connecting to signaling server: {}", config.url);
     let mut backoff = Backoff::default();
     loop {
-        match connect_once(
-            &config,
-            &mut identity,
-            tls.clone(),
-            &services,
-            &mut outbound,
-            &shutdown,
-        )
-        .await
-        {
+        match connect_once(&config, &mut identity, tls.clone(), &mut node, &shutdown).await {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Lost) => {
                 // It had registered: the next failure starts from a short delay.
@@ -144,9 +127,7 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn start_services(
-    config: &WorkerConfig,
-) -> anyhow::Result<(Arc<Services>, mpsc::Receiver<Outgoing>)> {
+fn start_services(config: &WorkerConfig) -> anyhow::Result<Node> {
     let tasks = TaskStore::open(&config.data_dir)?;
     let (out, outbound) = mpsc::channel(OUTBOUND_QUEUE);
     let exec = Arc::new(Executor::new(
@@ -155,27 +136,22 @@ fn start_services(
         config.data_dir.join("output"),
         tasks.clone(),
     ));
-    let ptys = PtyManager::new(
-        config.pty.clone(),
-        config.env.clone(),
-        tasks.clone(),
-        out.clone(),
-    );
+    let ptys = PtyManager::new(config.pty.clone(), config.env.clone(), tasks.clone());
     let mut proxy = ProxyConfig::new(config.services.clone());
     proxy.timeout = config.proxy_timeout;
     let queries = Queries::new(config.queries.clone(), tasks, exec.clone());
-    Ok((
-        Services::new(exec, ptys, Proxy::new(proxy), queries, out),
+    Ok(Node {
+        services: Services::new(exec, ptys, Proxy::new(proxy), queries),
+        out,
         outbound,
-    ))
+    })
 }
 
 async fn connect_once(
     config: &WorkerConfig,
     identity: &mut Identity,
     tls: Arc<rustls::ClientConfig>,
-    services: &Arc<Services>,
-    outbound: &mut mpsc::Receiver<Outgoing>,
+    node: &mut Node,
     shutdown: &CancellationToken,
 ) -> Result<Ended, Failure> {
     let mut link = tokio::select! {
@@ -183,36 +159,11 @@ async fn connect_once(
         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
     };
     register(config, identity, &mut link).await?;
-    let mut last_heard = Instant::now();
-    loop {
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => {
-                link.close().await;
-                return Ok(Ended::Shutdown);
-            }
-            message = tokio::time::timeout_at(last_heard + SERVER_SILENCE, link.recv()) => message,
-            Some(outgoing) = outbound.recv() => {
-                if let Err(err) = send_to(&mut link, outgoing).await {
-                    tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
-                    return Ok(Ended::Lost);
-                }
-                continue;
-            }
-        };
-        let Ok(message) = message else {
-            tracing::warn!("the signaling server went silent");
-            return Ok(Ended::Lost);
-        };
-        last_heard = Instant::now();
-        match message {
-            Ok(Some(message)) => handle(services, message),
-            Ok(None) => return Ok(Ended::Lost),
-            Err(err) => {
-                tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
-                return Ok(Ended::Lost);
-            }
-        }
+    let ended = connection::serve(&mut link, node, shutdown).await;
+    if matches!(ended, Ended::Shutdown) {
+        link.close().await;
     }
+    Ok(ended)
 }
 
 /// Sends `register` and waits for `registered`, printing the spec's lines.
@@ -272,32 +223,6 @@ async fn register(
             }
         }
     }
-}
-
-/// Handles one message from the server.
-fn handle(services: &Arc<Services>, message: FromServer) {
-    match message {
-        FromServer::SyncData {
-            payload,
-            client_id: Some(client_id),
-            ..
-        } => services.handle(client_id, payload),
-        FromServer::ClientLeft { client_id } => services.client_left(&client_id),
-        FromServer::Error { code, message } => {
-            tracing::debug!(?code, %message, "error from the signaling server");
-        }
-        other => tracing::debug!(?other, "ignoring message"),
-    }
-}
-
-async fn send_to(link: &mut WsLink, outgoing: Outgoing) -> anyhow::Result<()> {
-    let payload = serde_json::to_value(&outgoing.response).expect("responses serialize");
-    link.send(&ToServer::SyncData {
-        payload,
-        device_id: None,
-        client_id: Some(outgoing.client),
-    })
-    .await
 }
 
 /// Warns when the secret would cross a network unencrypted.
