@@ -96,6 +96,11 @@ impl Client {
         self.link.send(message).await
     }
 
+    /// The connection itself, for a session driver.
+    pub fn into_link(self) -> WsLink {
+        self.link
+    }
+
     /// The next message from the server; `None` once it closed.
     pub async fn recv(&mut self) -> anyhow::Result<Option<FromServer>> {
         self.link.recv().await

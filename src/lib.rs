@@ -24,7 +24,7 @@ pub mod config;
 pub mod identity;
 pub mod link;
 pub mod services;
+pub mod session;
 pub mod tls;
 pub mod up;
-pub mod session;
 pub mod worker;

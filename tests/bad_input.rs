@@ -54,7 +54,8 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
     peer.expect_error(ErrorCode::InvalidMessage).await;
     peer.send_binary(vec![200, b'a']).await;
     peer.expect_error(ErrorCode::InvalidMessage).await;
-    peer.send_binary(vec![1; cocoon_signaling::protocol::MAX_RELAY_BYTES + 1]).await;
+    peer.send_binary(vec![1; cocoon_signaling::protocol::MAX_RELAY_BYTES + 1])
+        .await;
     peer.expect_error(ErrorCode::MessageTooLarge).await;
     peer.send_text("").await;
     peer.expect_error(ErrorCode::InvalidJson).await;

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::hub::{ClientGuard, DeviceGuard, Hub, OUTBOX_CAPACITY, Outbound, Outbox, Reject};
-use crate::protocol::{ClientId, DeviceId, ErrorCode, FromServer, ToServer, decode_relay, decode_to_server};
+use crate::protocol::{
+    ClientId, DeviceId, ErrorCode, FromServer, ToServer, decode_relay, decode_to_server,
+};
 
 /// The clock of a connection's liveness.
 #[derive(Debug, Clone, Copy)]

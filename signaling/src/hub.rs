@@ -173,7 +173,8 @@ impl Hub {
 
     fn count_relayed(&self, outbound: &Outbound) {
         if let Outbound::Binary(bytes) = outbound {
-            self.relayed_bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            self.relayed_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         self.relayed_messages.fetch_add(1, Ordering::Relaxed);
     }
@@ -420,12 +421,12 @@ fn broadcast_status(routes: &Routes, owner: &UserId, device_id: &DeviceId, onlin
 fn deliver(hub: &Hub, outbox: &Outbox, outbound: Outbound, gone: Reject) -> Result<(), Reject> {
     hub.count_relayed(&outbound);
     outbox.try_send(outbound).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => Reject::new(
-                ErrorCode::PeerBacklogged,
-                "the receiver is not keeping up; the message was dropped",
-            ),
-            mpsc::error::TrySendError::Closed(_) => gone,
-        })
+        mpsc::error::TrySendError::Full(_) => Reject::new(
+            ErrorCode::PeerBacklogged,
+            "the receiver is not keeping up; the message was dropped",
+        ),
+        mpsc::error::TrySendError::Closed(_) => gone,
+    })
 }
 
 impl DeviceGuard {
@@ -446,7 +447,12 @@ impl DeviceGuard {
     }
 
     fn to_client(&self, client_id: &ClientId, outbound: Outbound) -> Result<(), Reject> {
-        let gone = || Reject::new(ErrorCode::ClientGone, format!("client {client_id} is not connected"));
+        let gone = || {
+            Reject::new(
+                ErrorCode::ClientGone,
+                format!("client {client_id} is not connected"),
+            )
+        };
         let outbox = self
             .hub
             .client_outbox(client_id, self.owner.as_ref())
@@ -497,7 +503,11 @@ impl ClientGuard {
 
     /// Sends a client's `sync_data` to a device it owns: the one named, else
     /// the selected one, else its only online device.
-    pub async fn send_to_device(&mut self, device_id: Option<DeviceId>, payload: Value) -> Result<(), Reject> {
+    pub async fn send_to_device(
+        &mut self,
+        device_id: Option<DeviceId>,
+        payload: Value,
+    ) -> Result<(), Reject> {
         let message = FromServer::SyncData {
             payload,
             device_id: None,
@@ -508,12 +518,20 @@ impl ClientGuard {
 
     /// Relays a session frame to a device it owns (addressed as for
     /// [`ClientGuard::send_to_device`]).
-    pub async fn relay_to_device(&mut self, device_id: Option<DeviceId>, frame: &[u8]) -> Result<(), Reject> {
+    pub async fn relay_to_device(
+        &mut self,
+        device_id: Option<DeviceId>,
+        frame: &[u8],
+    ) -> Result<(), Reject> {
         let message = encode_relay(self.client_id.as_str(), frame);
         self.to_device(device_id, Outbound::Binary(message)).await
     }
 
-    async fn to_device(&mut self, device_id: Option<DeviceId>, outbound: Outbound) -> Result<(), Reject> {
+    async fn to_device(
+        &mut self,
+        device_id: Option<DeviceId>,
+        outbound: Outbound,
+    ) -> Result<(), Reject> {
         let device_id = device_id
             .or_else(|| self.selected.clone())
             .or_else(|| self.hub.sole_online_device(&self.owner))
@@ -523,8 +541,14 @@ impl ClientGuard {
                     "no device addressed: set device_id, or select_device first",
                 )
             })?;
-        let outbox = self.hub.owned_device_outbox(&self.owner, &device_id).await?;
-        let offline = Reject::new(ErrorCode::DeviceOffline, format!("device {device_id} is offline"));
+        let outbox = self
+            .hub
+            .owned_device_outbox(&self.owner, &device_id)
+            .await?;
+        let offline = Reject::new(
+            ErrorCode::DeviceOffline,
+            format!("device {device_id} is offline"),
+        );
         deliver(&self.hub, &outbox, outbound, offline)?;
         if !self.talked_to.contains(&device_id) {
             self.talked_to.push(device_id);

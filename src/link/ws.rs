@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use cocoon_signaling::protocol::{FromServer, MAX_MESSAGE_BYTES, ToServer, decode_relay, encode_relay};
+use cocoon_signaling::protocol::{
+    FromServer, MAX_MESSAGE_BYTES, ToServer, decode_relay, encode_relay,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;

@@ -16,9 +16,9 @@ pub mod tasks;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use cocoon_signaling::protocol::ClientId;
 use cocoon_signaling::protocol::service::{Request, Response, ServiceErrorCode, SessionId};
-use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -89,14 +89,21 @@ impl ReplyTo {
     /// Queues a small reply without waiting; a full queue drops it (the
     /// link is down or far behind, and the client will time out).
     pub fn try_send(&self, response: Response) {
-        if self.out.try_send(Outgoing::new(self.client.clone(), response)).is_err() {
+        if self
+            .out
+            .try_send(Outgoing::new(self.client.clone(), response))
+            .is_err()
+        {
             tracing::warn!(client_id = %self.client, "reply dropped: the outbound queue is full");
         }
     }
 
     /// Sends a reply, waiting for room.
     pub async fn send(&self, response: Response) {
-        let _ = self.out.send(Outgoing::new(self.client.clone(), response)).await;
+        let _ = self
+            .out
+            .send(Outgoing::new(self.client.clone(), response))
+            .await;
     }
 }
 
@@ -228,7 +235,9 @@ impl Services {
             Request::ProxyHttp(request) => {
                 let services = self.clone();
                 tokio::spawn(async move {
-                    reply.send(Response::ProxyResult(services.proxy.handle(request).await)).await;
+                    reply
+                        .send(Response::ProxyResult(services.proxy.handle(request).await))
+                        .await;
                 });
             }
             Request::QueryLocal(request) => {

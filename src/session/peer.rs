@@ -90,7 +90,11 @@ struct Peer {
 }
 
 impl Peer {
-    async fn run(mut self, mut inbox: mpsc::Receiver<Bytes>, mut replies: mpsc::Receiver<Outgoing>) {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<Bytes>,
+        mut replies: mpsc::Receiver<Outgoing>,
+    ) {
         let mut tick = interval(RETRANSMIT_AFTER / 4);
         loop {
             let sent = tokio::select! {
@@ -132,7 +136,11 @@ impl Peer {
             }
         };
         match frame {
-            Frame::Data { stream: CONTROL_STREAM, offset, bytes } => {
+            Frame::Data {
+                stream: CONTROL_STREAM,
+                offset,
+                bytes,
+            } => {
                 if let Some(fresh) = self.control_in.accept(offset, bytes) {
                     self.reader.push(&fresh);
                     self.read_requests();
@@ -141,21 +149,29 @@ impl Peer {
                     self.send(ack).await?;
                 }
             }
-            Frame::Data { stream, offset, bytes } => {
+            Frame::Data {
+                stream,
+                offset,
+                bytes,
+            } => {
                 let Some(terminal) = self.terminals.get_mut(&stream) else {
                     return Ok(());
                 };
                 if let Some(fresh) = terminal.input.accept(offset, bytes) {
                     let control = Control::Input(fresh.to_vec());
                     if let Err(err) = self.services.ptys().control(&terminal.session_id, control) {
-                        self.reply_to.try_send(err.into_response(None, Some(terminal.session_id.clone())));
+                        self.reply_to
+                            .try_send(err.into_response(None, Some(terminal.session_id.clone())));
                     }
                 }
                 if let Some(ack) = terminal.input.take_ack(stream, true) {
                     self.send(ack).await?;
                 }
             }
-            Frame::Ack { stream: CONTROL_STREAM, offset } => {
+            Frame::Ack {
+                stream: CONTROL_STREAM,
+                offset,
+            } => {
                 if self.control_out.ack(offset) {
                     self.last_progress = Instant::now();
                 }
@@ -165,7 +181,10 @@ impl Peer {
                     if offset > terminal.acked {
                         terminal.acked = offset;
                         terminal.last_progress = Instant::now();
-                        let _ = self.services.ptys().control(&terminal.session_id, Control::Ack(offset));
+                        let _ = self
+                            .services
+                            .ptys()
+                            .control(&terminal.session_id, Control::Ack(offset));
                     }
                 }
             }
@@ -182,8 +201,11 @@ impl Peer {
                 Ok(Some(message)) => match serde_json::from_slice::<Value>(&message) {
                     Ok(payload) => self.services.handle(self.reply_to.clone(), payload),
                     Err(err) => self.reply_to.try_send(
-                        ServiceError::new(ServiceErrorCode::InvalidJson, format!("control message is not JSON: {err}"))
-                            .into_response(None, None),
+                        ServiceError::new(
+                            ServiceErrorCode::InvalidJson,
+                            format!("control message is not JSON: {err}"),
+                        )
+                        .into_response(None, None),
                     ),
                 },
                 Ok(None) => return,
@@ -200,7 +222,8 @@ impl Peer {
         match outgoing {
             Outgoing::Response { response, .. } => {
                 self.track(&response);
-                let message = frame_message(&serde_json::to_vec(&response).expect("responses serialize"));
+                let message =
+                    frame_message(&serde_json::to_vec(&response).expect("responses serialize"));
                 if message.len() > self.control_out.room() {
                     tracing::warn!(client_id = %self.client, "control stream backlog full; response dropped");
                     return Ok(());
@@ -212,7 +235,10 @@ impl Peer {
                 self.flush_control().await
             }
             Outgoing::Stream {
-                stream, offset, bytes, ..
+                stream,
+                offset,
+                bytes,
+                ..
             } => {
                 if let Some(terminal) = self.terminals.get_mut(&stream) {
                     if terminal.sent <= terminal.acked {
@@ -220,9 +246,16 @@ impl Peer {
                     }
                     terminal.sent = terminal.sent.max(offset + bytes.len() as u64);
                 }
-                self.send(Frame::Data { stream, offset, bytes }).await
+                self.send(Frame::Data {
+                    stream,
+                    offset,
+                    bytes,
+                })
+                .await
             }
-            Outgoing::StreamEnd { stream, offset, .. } => self.send(Frame::Fin { stream, offset }).await,
+            Outgoing::StreamEnd { stream, offset, .. } => {
+                self.send(Frame::Fin { stream, offset }).await
+            }
             Outgoing::Frame { frame, .. } => {
                 let outgoing = Outgoing::Frame {
                     client: self.client.clone(),
@@ -272,7 +305,10 @@ impl Peer {
             if terminal.sent > terminal.acked && now - terminal.last_progress >= RETRANSMIT_AFTER {
                 terminal.last_progress = now;
                 terminal.sent = terminal.acked;
-                let _ = self.services.ptys().control(&terminal.session_id, Control::Rewind);
+                let _ = self
+                    .services
+                    .ptys()
+                    .control(&terminal.session_id, Control::Rewind);
             }
         }
         Ok(())

@@ -182,7 +182,10 @@ mod tests {
         out.push(&vec![7; MAX_DATA + 10]);
         let (o1, b1) = data(out.next_frame().unwrap());
         let (o2, b2) = data(out.next_frame().unwrap());
-        assert_eq!((o1, b1.len(), o2, b2.len()), (0, MAX_DATA, MAX_DATA as u64, 10));
+        assert_eq!(
+            (o1, b1.len(), o2, b2.len()),
+            (0, MAX_DATA, MAX_DATA as u64, 10)
+        );
         assert!(out.next_frame().is_none());
         assert!(out.ack(100));
         assert!(!out.ack(50), "old acks change nothing");
@@ -196,13 +199,29 @@ mod tests {
     #[test]
     fn takes_each_byte_once() {
         let mut input = InStream::default();
-        assert_eq!(input.accept(0, Bytes::from_static(b"abc")).as_deref(), Some(&b"abc"[..]));
-        assert_eq!(input.accept(0, Bytes::from_static(b"abc")), None, "duplicate");
+        assert_eq!(
+            input.accept(0, Bytes::from_static(b"abc")).as_deref(),
+            Some(&b"abc"[..])
+        );
+        assert_eq!(
+            input.accept(0, Bytes::from_static(b"abc")),
+            None,
+            "duplicate"
+        );
         assert_eq!(input.accept(5, Bytes::from_static(b"xy")), None, "gap");
-        assert_eq!(input.accept(1, Bytes::from_static(b"bcde")).as_deref(), Some(&b"de"[..]));
+        assert_eq!(
+            input.accept(1, Bytes::from_static(b"bcde")).as_deref(),
+            Some(&b"de"[..])
+        );
         assert_eq!(input.position(), 5);
         assert_eq!(input.take_ack(2, false), None, "not enough for an ack yet");
-        assert_eq!(input.take_ack(2, true), Some(Frame::Ack { stream: 2, offset: 5 }));
+        assert_eq!(
+            input.take_ack(2, true),
+            Some(Frame::Ack {
+                stream: 2,
+                offset: 5
+            })
+        );
         assert_eq!(input.take_ack(2, true), None);
     }
 
@@ -218,7 +237,10 @@ mod tests {
                 got.push(message);
             }
         }
-        assert_eq!(got, vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"[]")]);
+        assert_eq!(
+            got,
+            vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"[]")]
+        );
         let mut reader = MessageReader::default();
         reader.push(&u32::MAX.to_be_bytes());
         assert!(reader.next_message().is_err());

@@ -89,9 +89,9 @@ async fn serve_loop(
                     tracing::warn!(client_id = %client, "too many session clients; frame dropped");
                     continue;
                 }
-                let peer = peers
-                    .entry(client.clone())
-                    .or_insert_with(|| PeerHandle::spawn(client, node.services.clone(), node.out.clone()));
+                let peer = peers.entry(client.clone()).or_insert_with(|| {
+                    PeerHandle::spawn(client, node.services.clone(), node.out.clone())
+                });
                 peer.deliver(frame);
             }
         }

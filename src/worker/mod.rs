@@ -15,13 +15,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Services as ServiceList, WorkerArgs};
 use crate::identity::{Identity, check_data_dir, explain_mismatch};
 use crate::link::ws::WsLink;
+use crate::services::Services;
 use crate::services::exec::{ExecPolicy, Executor};
 use crate::services::process::EnvPolicy;
 use crate::services::proxy::{Proxy, ProxyConfig};
 use crate::services::pty::{PtyConfig, PtyManager};
 use crate::services::query::{Queries, QueryConfig};
 use crate::services::tasks::TaskStore;
-use crate::services::Services;
 use connection::{Ended, Node};
 
 mod connection;

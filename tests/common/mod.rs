@@ -426,3 +426,17 @@ pub async fn recv_response(client: &mut Client) -> cocoon_signaling::protocol::s
         }
     }
 }
+
+impl Rig {
+    /// A session-layer connection to the rig's worker, as its owner.
+    pub async fn session(&self) -> cocoon::session::client::Session {
+        cocoon::session::client::Session::connect(
+            &self.server.url(),
+            &self.server.token(TokenKind::Access, "alice"),
+            plain_tls(),
+            &self.device_id,
+        )
+        .await
+        .expect("session connects")
+    }
+}

@@ -86,19 +86,31 @@ impl Frame {
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(self.encoded_len());
         match self {
-            Frame::Data { stream, offset, bytes } => {
+            Frame::Data {
+                stream,
+                offset,
+                bytes,
+            } => {
                 out.put_u8(DATA);
                 out.put_u32(*stream);
                 out.put_u64(*offset);
                 out.put_slice(bytes);
             }
             Frame::Ack { stream, offset } | Frame::Fin { stream, offset } => {
-                out.put_u8(if matches!(self, Frame::Ack { .. }) { ACK } else { FIN });
+                out.put_u8(if matches!(self, Frame::Ack { .. }) {
+                    ACK
+                } else {
+                    FIN
+                });
                 out.put_u32(*stream);
                 out.put_u64(*offset);
             }
             Frame::Ping(nonce) | Frame::Pong(nonce) => {
-                out.put_u8(if matches!(self, Frame::Ping(_)) { PING } else { PONG });
+                out.put_u8(if matches!(self, Frame::Ping(_)) {
+                    PING
+                } else {
+                    PONG
+                });
                 out.put_u64(*nonce);
             }
         }
@@ -123,7 +135,13 @@ impl Frame {
             return Err(FrameError::Empty);
         };
         let mut body = bytes.slice(1..);
-        let exact = |n: usize| if len == n { Ok(()) } else { Err(FrameError::BadLength(kind, len)) };
+        let exact = |n: usize| {
+            if len == n {
+                Ok(())
+            } else {
+                Err(FrameError::BadLength(kind, len))
+            }
+        };
         match kind {
             DATA => {
                 if len < DATA_HEADER {
@@ -131,7 +149,11 @@ impl Frame {
                 }
                 let stream = body.get_u32();
                 let offset = body.get_u64();
-                Ok(Frame::Data { stream, offset, bytes: body })
+                Ok(Frame::Data {
+                    stream,
+                    offset,
+                    bytes: body,
+                })
             }
             ACK | FIN => {
                 exact(13)?;
@@ -146,7 +168,11 @@ impl Frame {
             PING | PONG => {
                 exact(9)?;
                 let nonce = body.get_u64();
-                Ok(if kind == PING { Frame::Ping(nonce) } else { Frame::Pong(nonce) })
+                Ok(if kind == PING {
+                    Frame::Ping(nonce)
+                } else {
+                    Frame::Pong(nonce)
+                })
             }
             other => Err(FrameError::UnknownKind(other)),
         }
@@ -170,8 +196,14 @@ mod tests {
                 offset: 0,
                 bytes: Bytes::new(),
             },
-            Frame::Ack { stream: 1, offset: 42 },
-            Frame::Fin { stream: 1, offset: 43 },
+            Frame::Ack {
+                stream: 1,
+                offset: 42,
+            },
+            Frame::Fin {
+                stream: 1,
+                offset: 43,
+            },
             Frame::Ping(9),
             Frame::Pong(9),
         ];
@@ -189,13 +221,33 @@ mod tests {
     #[test]
     fn rejects_malformed_bytes() {
         assert_eq!(Frame::decode(Bytes::new()), Err(FrameError::Empty));
-        assert_eq!(Frame::decode(Bytes::from_static(&[9])), Err(FrameError::UnknownKind(9)));
-        assert_eq!(Frame::decode(Bytes::from_static(&[1, 0, 0])), Err(FrameError::BadLength(1, 3)));
-        assert_eq!(Frame::decode(Bytes::from_static(&[4, 0])), Err(FrameError::BadLength(4, 2)));
-        let mut ack = Frame::Ack { stream: 1, offset: 1 }.encode().to_vec();
+        assert_eq!(
+            Frame::decode(Bytes::from_static(&[9])),
+            Err(FrameError::UnknownKind(9))
+        );
+        assert_eq!(
+            Frame::decode(Bytes::from_static(&[1, 0, 0])),
+            Err(FrameError::BadLength(1, 3))
+        );
+        assert_eq!(
+            Frame::decode(Bytes::from_static(&[4, 0])),
+            Err(FrameError::BadLength(4, 2))
+        );
+        let mut ack = Frame::Ack {
+            stream: 1,
+            offset: 1,
+        }
+        .encode()
+        .to_vec();
         ack.push(0);
-        assert_eq!(Frame::decode(Bytes::from(ack)), Err(FrameError::BadLength(2, 14)));
+        assert_eq!(
+            Frame::decode(Bytes::from(ack)),
+            Err(FrameError::BadLength(2, 14))
+        );
         let huge = Bytes::from(vec![1; MAX_FRAME + 1]);
-        assert_eq!(Frame::decode(huge), Err(FrameError::TooLarge(MAX_FRAME + 1)));
+        assert_eq!(
+            Frame::decode(huge),
+            Err(FrameError::TooLarge(MAX_FRAME + 1))
+        );
     }
 }

@@ -77,7 +77,11 @@ impl PtyManager {
     }
 
     /// Starts a session whose output goes where `reply` points.
-    pub async fn attach(&self, reply: ReplyTo, request: AttachPty) -> Result<Response, ServiceError> {
+    pub async fn attach(
+        &self,
+        reply: ReplyTo,
+        request: AttachPty,
+    ) -> Result<Response, ServiceError> {
         for (side, value) in [("cols", request.cols), ("rows", request.rows)] {
             if value == 0 || value > MAX_TERMINAL_SIDE {
                 return Err(ServiceError::new(

@@ -23,9 +23,9 @@ use tokio::time::{Instant, sleep_until};
 
 use super::PtyConfig;
 use super::sys::{self, Spawned};
-use crate::services::{Outgoing, ReplyTo};
 use crate::services::process::exit_code;
 use crate::services::ring::{OutputRing, utf8_cut};
+use crate::services::{Outgoing, ReplyTo};
 
 /// Most bytes read from the terminal at once.
 const READ_BYTES: usize = 64 * 1024;
@@ -354,7 +354,12 @@ impl Session {
             }
             Control::Close => self.hang_up(),
             Control::ClientLeft(client) => {
-                if self.viewer.to.as_ref().is_some_and(|to| to.client == client) {
+                if self
+                    .viewer
+                    .to
+                    .as_ref()
+                    .is_some_and(|to| to.client == client)
+                {
                     self.viewer.to = None;
                     self.deadlines.detach = Some(Instant::now() + self.config.detach_timeout);
                 }
