@@ -50,7 +50,7 @@ impl Cli {
     /// Runs the chosen command until it ends or `shutdown` fires.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         match self.command {
-            Command::Run(args) => crate::worker::run(args.into(), shutdown).await,
+            Command::Run(args) => crate::worker::run(args.try_into()?, shutdown).await,
             Command::Up(args) => crate::up::run(args, shutdown).await,
             Command::Devices(args) => devices(args).await,
         }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use cocoon_signaling::parse_duration;
 use cocoon_signaling::protocol::Secret;
 
+use crate::link::rtc::{RtcConfig, parse_ice_servers, parse_network};
 use crate::services::exec::ExecPolicy;
 use crate::services::process::{EnvPolicy, Limits};
 use crate::services::pty::PtyConfig;
@@ -45,18 +46,91 @@ pub struct WorkerArgs {
     /// Extra CA certificates (PEM) to trust for wss:// URLs.
     #[arg(long, env = "COCOON_CA_FILE")]
     pub ca_file: Option<PathBuf>,
-    /// STUN/TURN server URLs, comma-separated.
-    #[arg(long, env = "WEBRTC_ICE_SERVERS", default_value = DEFAULT_ICE_SERVERS)]
-    pub ice_servers: String,
-    /// Username for the TURN servers.
-    #[arg(long, env = "WEBRTC_TURN_USERNAME")]
-    pub turn_username: Option<String>,
-    /// Credential for the TURN servers.
-    #[arg(long, env = "WEBRTC_TURN_CREDENTIAL", hide_env_values = true, value_parser = parse_secret)]
-    pub turn_credential: Option<Secret>,
+    /// WebRTC settings.
+    #[command(flatten)]
+    pub rtc: RtcArgs,
     /// Limits on what clients may run.
     #[command(flatten)]
     pub limits: LimitArgs,
+}
+
+/// WebRTC settings, for workers and clients alike.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RtcArgs {
+    /// STUN/TURN server URLs, comma-separated, or a JSON array of
+    /// {"urls", "username", "credential"}.
+    #[arg(long, env = "WEBRTC_ICE_SERVERS", default_value = DEFAULT_ICE_SERVERS)]
+    pub ice_servers: String,
+    /// Username for the TURN servers of a comma-separated list.
+    #[arg(long, env = "WEBRTC_TURN_USERNAME")]
+    pub turn_username: Option<String>,
+    /// Credential for the TURN servers of a comma-separated list.
+    #[arg(long, env = "WEBRTC_TURN_CREDENTIAL", hide_env_values = true, value_parser = parse_secret)]
+    pub turn_credential: Option<Secret>,
+    /// How long to wait for a peer-to-peer path before settling on the relay.
+    #[arg(long, env = "WEBRTC_ICE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub ice_timeout: Duration,
+    /// Turn WebRTC off: everything goes through the signaling relay.
+    #[arg(long, env = "COCOON_NO_WEBRTC")]
+    pub no_webrtc: bool,
+    /// Offer loopback candidates (one-machine setups, tests).
+    #[arg(long, env = "COCOON_WEBRTC_LOOPBACK")]
+    pub webrtc_loopback: bool,
+    /// Gather candidates only on these addresses or networks (CIDR, comma-separated).
+    #[arg(long, env = "COCOON_WEBRTC_NETWORKS", value_delimiter = ',')]
+    pub webrtc_networks: Vec<String>,
+    /// Local UDP ports for WebRTC, "MIN-MAX" (open them in your firewall).
+    #[arg(long, env = "COCOON_WEBRTC_PORTS")]
+    pub webrtc_ports: Option<String>,
+    /// Public IPs of a 1:1 NAT (a container's host, a cloud VM) to announce.
+    #[arg(long, env = "COCOON_WEBRTC_NAT_IPS", value_delimiter = ',')]
+    pub webrtc_nat_ips: Vec<String>,
+    /// Use only TURN relay candidates.
+    #[arg(long, env = "COCOON_WEBRTC_RELAY_ONLY")]
+    pub webrtc_relay_only: bool,
+}
+
+impl RtcArgs {
+    /// The WebRTC configuration, or `None` when WebRTC is off.
+    pub fn config(&self) -> anyhow::Result<Option<RtcConfig>> {
+        if self.no_webrtc {
+            return Ok(None);
+        }
+        let ice_servers = parse_ice_servers(
+            &self.ice_servers,
+            self.turn_username.as_deref(),
+            self.turn_credential.as_ref().map(Secret::expose),
+        )
+        .map_err(anyhow::Error::msg)?;
+        let allowed_networks = self
+            .webrtc_networks
+            .iter()
+            .map(|n| parse_network(n))
+            .collect::<Result<_, _>>()
+            .map_err(anyhow::Error::msg)?;
+        let port_range = self
+            .webrtc_ports
+            .as_deref()
+            .map(|range| {
+                let (min, max) = range.split_once('-').unwrap_or((range, range));
+                match (min.trim().parse::<u16>(), max.trim().parse::<u16>()) {
+                    (Ok(min), Ok(max)) if min > 0 && min <= max => Ok((min, max)),
+                    _ => Err(anyhow::anyhow!(
+                        "invalid WebRTC port range {range:?}: use MIN-MAX"
+                    )),
+                }
+            })
+            .transpose()?;
+        Ok(Some(RtcConfig {
+            ice_servers,
+            include_loopback: self.webrtc_loopback,
+            allowed_networks,
+            port_range,
+            nat_1to1_ips: self.webrtc_nat_ips.clone(),
+            relay_only: self.webrtc_relay_only,
+            ice_timeout: self.ice_timeout,
+        }))
+    }
 }
 
 /// Limits on what clients may run.

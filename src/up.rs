@@ -10,7 +10,7 @@ use cocoon_signaling::protocol::UserId;
 use cocoon_signaling::{Config, Server};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{LimitArgs, Services};
+use crate::config::{LimitArgs, RtcArgs, Services};
 use crate::worker::{self, WorkerConfig};
 
 /// The owner that development mode gives every local worker to.
@@ -31,6 +31,9 @@ pub struct UpArgs {
     /// Limits on what clients may run.
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// WebRTC settings.
+    #[command(flatten)]
+    pub rtc: RtcArgs,
 }
 
 /// Runs both halves until `shutdown`.
@@ -61,6 +64,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
         env: args.limits.env_policy(),
         proxy_timeout: args.limits.proxy_timeout,
         queries: args.limits.query_config(&worker_dir),
+        rtc: args.rtc.config()?,
     };
     println!("🚀 Signaling server (development mode, loopback only): http://{addr}");
     println!("   Client access token (owner \"{LOCAL_OWNER}\", 30 days):");

@@ -26,12 +26,14 @@ fn attach(command: &str) -> AttachPty {
 async fn drain(pty: &mut Pty) -> (Vec<u8>, i32) {
     let mut output = Vec::new();
     loop {
-        match tokio::time::timeout(DEADLINE, pty.next())
-            .await
-            .expect("output in time")
-        {
+        let next = tokio::time::timeout(DEADLINE, pty.next()).await;
+        let Ok(next) = next else {
+            panic!("output stalled after {} bytes", output.len());
+        };
+        match next {
             Some(PtyEvent::Output(bytes)) => output.extend_from_slice(&bytes),
             Some(PtyEvent::Exited(code)) => return (output, code),
+            Some(PtyEvent::Skipped(n)) => panic!("{n} bytes skipped by a live client"),
             None => panic!("session ended before the exit"),
         }
     }

@@ -437,16 +437,16 @@ impl DeviceGuard {
             device_id: Some(self.device_id.clone()),
             client_id: None,
         };
-        self.to_client(client_id, Outbound::Message(message))
+        self.route_to_client(client_id, Outbound::Message(message))
     }
 
     /// Relays a session frame to one client of the device's owner.
     pub fn relay_to_client(&self, client_id: &ClientId, frame: &[u8]) -> Result<(), Reject> {
         let message = encode_relay(self.device_id.as_str(), frame);
-        self.to_client(client_id, Outbound::Binary(message))
+        self.route_to_client(client_id, Outbound::Binary(message))
     }
 
-    fn to_client(&self, client_id: &ClientId, outbound: Outbound) -> Result<(), Reject> {
+    fn route_to_client(&self, client_id: &ClientId, outbound: Outbound) -> Result<(), Reject> {
         let gone = || {
             Reject::new(
                 ErrorCode::ClientGone,
@@ -513,7 +513,8 @@ impl ClientGuard {
             device_id: None,
             client_id: Some(self.client_id.clone()),
         };
-        self.to_device(device_id, Outbound::Message(message)).await
+        self.route_to_device(device_id, Outbound::Message(message))
+            .await
     }
 
     /// Relays a session frame to a device it owns (addressed as for
@@ -524,10 +525,11 @@ impl ClientGuard {
         frame: &[u8],
     ) -> Result<(), Reject> {
         let message = encode_relay(self.client_id.as_str(), frame);
-        self.to_device(device_id, Outbound::Binary(message)).await
+        self.route_to_device(device_id, Outbound::Binary(message))
+            .await
     }
 
-    async fn to_device(
+    async fn route_to_device(
         &mut self,
         device_id: Option<DeviceId>,
         outbound: Outbound,

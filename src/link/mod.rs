@@ -1,4 +1,5 @@
-//! Links: the ways bytes travel between a worker and a client. For now the
-//! signaling WebSocket; data channels join later.
+//! Links: the ways session frames travel between a worker and a client —
+//! the signaling server's WebSocket relay, and WebRTC data channels.
 
+pub mod rtc;
 pub mod ws;

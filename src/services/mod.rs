@@ -49,6 +49,8 @@ pub enum Outgoing {
         offset: u64,
         /// The bytes.
         bytes: Bytes,
+        /// Output before `offset` was dropped (the viewer fell behind).
+        skip: bool,
     },
     /// A session-layer stream ends at `offset`.
     StreamEnd {
@@ -166,13 +168,24 @@ impl Services {
 
     /// Handles one payload without waiting for slow work; replies go to `reply`.
     pub fn handle(self: &Arc<Self>, reply: ReplyTo, payload: Value) {
-        let request = match Request::decode(payload) {
-            Ok(request) => request,
+        match Request::decode(payload) {
+            Ok(request) => self.handle_request(reply, request),
             Err((code, message)) => {
-                return reply.try_send(ServiceError::new(code, message).into_response(None, None));
+                reply.try_send(ServiceError::new(code, message).into_response(None, None))
             }
-        };
+        }
+    }
+
+    /// Handles one decoded request.
+    pub fn handle_request(self: &Arc<Self>, reply: ReplyTo, request: Request) {
         match request {
+            Request::RtcOffer { .. } | Request::RtcCandidate(_) => {
+                let err = ServiceError::new(
+                    ServiceErrorCode::InvalidRequest,
+                    "WebRTC signaling travels on a session's control stream",
+                );
+                reply.try_send(err.into_response(None, None));
+            }
             Request::Execute(request) => {
                 let services = self.clone();
                 tokio::spawn(async move {

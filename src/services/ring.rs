@@ -32,6 +32,11 @@ impl OutputRing {
         self.buf.extend(bytes);
     }
 
+    /// Most bytes held.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Offset of the oldest byte still held.
     pub fn start(&self) -> u64 {
         self.start

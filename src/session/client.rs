@@ -4,7 +4,7 @@
 //!
 //! [`Session`] is a handle; a driver task owns the link and the streams.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,6 +19,7 @@ use tokio::time::{Instant, interval};
 
 use super::stream::{InStream, MessageReader, OutStream, frame_message};
 use crate::client::Client;
+use crate::link::rtc::{Path, RtcConfig, RtcEvent, RtcSide};
 use crate::link::ws::{Incoming, WsLink};
 
 /// Resend what is unacknowledged after this long without progress.
@@ -35,6 +36,9 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum PtyEvent {
     /// Output bytes, in order, each exactly once.
     Output(Bytes),
+    /// This many bytes of output were dropped because the client stopped
+    /// acknowledging for too long; output continues after the gap.
+    Skipped(u64),
     /// The program ended with this code; no output follows.
     Exited(i32),
 }
@@ -57,6 +61,19 @@ enum Command {
     },
     Send(Request),
     Ping(oneshot::Sender<Duration>),
+    Path(oneshot::Sender<PathStatus>),
+}
+
+/// Which path a session's frames take, and how it got there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathStatus {
+    /// The path now.
+    pub path: Path,
+    /// The ICE timeout passed without a direct path: the session stays on
+    /// the relay.
+    pub settled_on_relay: bool,
+    /// The selected candidate pair's types (local, remote), once connected.
+    pub candidates: Option<(String, String)>,
 }
 
 /// A session with one device.
@@ -67,12 +84,24 @@ pub struct Session {
 }
 
 impl Session {
-    /// Authenticates with `token` and opens a session with `device`.
+    /// Authenticates with `token` and opens a relay-only session with `device`.
     pub async fn connect(
         url: &str,
         token: &Secret,
         tls: Arc<rustls::ClientConfig>,
         device: &DeviceId,
+    ) -> anyhow::Result<Self> {
+        Self::connect_with(url, token, tls, device, None).await
+    }
+
+    /// Like [`Session::connect`]; with `rtc`, traffic starts on the relay
+    /// and moves to a WebRTC data channel as soon as one opens.
+    pub async fn connect_with(
+        url: &str,
+        token: &Secret,
+        tls: Arc<rustls::ClientConfig>,
+        device: &DeviceId,
+        rtc: Option<RtcConfig>,
     ) -> anyhow::Result<Self> {
         let client = Client::connect(url, token, tls).await?;
         let (commands, queue) = mpsc::channel(256);
@@ -86,6 +115,10 @@ impl Session {
             terminals: HashMap::new(),
             pings: HashMap::new(),
             last_progress: Instant::now(),
+            rtc_config: rtc,
+            rtc: RtcSide::default(),
+            rtc_deadline: None,
+            settled_on_relay: false,
         };
         tokio::spawn(driver.run(queue));
         Ok(Self {
@@ -149,6 +182,33 @@ impl Session {
                 bail!("attach_pty failed ({code:?}): {message}")
             }
             other => bail!("unexpected reply to attach_pty: {other:?}"),
+        }
+    }
+
+    /// The path the session's frames take now.
+    pub async fn path(&self) -> anyhow::Result<PathStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Path(reply))
+            .await
+            .context("the session has ended")?;
+        wait(answer).await
+    }
+
+    /// Waits until the session's frames take `path` (or the deadline).
+    pub async fn wait_for_path(&self, path: Path, within: Duration) -> anyhow::Result<PathStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.path().await?;
+            if status.path == path {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "still on {:?} after {within:?}",
+                status.path
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -223,6 +283,13 @@ impl Pty {
 struct Terminal {
     session_id: Option<SessionId>,
     output: InStream,
+    /// Output received but not yet taken by the reader, with its offsets;
+    /// at most the worker's window, since acknowledgements follow the reader.
+    pending: VecDeque<(u64, Bytes)>,
+    /// Offset up to which the reader has the output.
+    delivered: u64,
+    /// The last offset acknowledged.
+    acked: u64,
     input: OutStream,
     events: mpsc::Sender<PtyEvent>,
     fin: Option<u64>,
@@ -240,10 +307,20 @@ struct Driver {
     terminals: HashMap<u32, Terminal>,
     pings: HashMap<u64, (Instant, oneshot::Sender<Duration>)>,
     last_progress: Instant,
+    rtc_config: Option<RtcConfig>,
+    rtc: RtcSide,
+    rtc_deadline: Option<Instant>,
+    settled_on_relay: bool,
 }
 
 impl Driver {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        if let Err(err) = self.start_rtc().await {
+            tracing::warn!(
+                err = format!("{err:#}"),
+                "WebRTC unavailable; staying on the relay"
+            );
+        }
         let mut tick = interval(RETRANSMIT_AFTER / 4);
         loop {
             let result = tokio::select! {
@@ -261,6 +338,7 @@ impl Driver {
                     Ok(None) => break,
                     Err(err) => Err(err),
                 },
+                event = self.rtc.next_event() => self.on_rtc(event).await,
                 _ = tick.tick() => self.on_tick().await,
             };
             if let Err(err) = result {
@@ -268,10 +346,82 @@ impl Driver {
                 break;
             }
         }
+        self.rtc.close().await;
     }
 
+    /// Offers a data channel; traffic stays on the relay meanwhile.
+    async fn start_rtc(&mut self) -> anyhow::Result<()> {
+        let Some(config) = self.rtc_config.clone() else {
+            return Ok(());
+        };
+        let sdp = self.rtc.offer(&config).await?;
+        self.rtc_deadline = Some(Instant::now() + config.ice_timeout);
+        self.queue_request(&Request::RtcOffer { sdp })?;
+        self.flush().await
+    }
+
+    async fn on_rtc(&mut self, event: Option<RtcEvent>) -> anyhow::Result<()> {
+        match event {
+            Some(RtcEvent::Candidate(candidate)) => {
+                self.queue_request(&Request::RtcCandidate(candidate))?;
+                self.flush().await
+            }
+            Some(RtcEvent::Open(channel)) => {
+                tracing::info!("data channel open; traffic moves to it");
+                self.rtc.opened(channel).await;
+                self.rtc_deadline = None;
+                self.switch_link(true);
+                self.flush().await
+            }
+            Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
+            Some(RtcEvent::State(state)) => {
+                use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as S;
+                if matches!(state, S::Failed | S::Closed | S::Disconnected)
+                    && self.rtc.channel().is_some()
+                {
+                    tracing::info!(?state, "peer connection lost; back to the relay");
+                    self.switch_link(false);
+                    self.flush().await?;
+                }
+                Ok(())
+            }
+            Some(RtcEvent::Closed) | None => {
+                if self.rtc.channel().is_some() {
+                    self.switch_link(false);
+                    self.flush().await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves to the data channel (`up`) or back to the relay, resending
+    /// everything unacknowledged on the new link.
+    fn switch_link(&mut self, up: bool) {
+        if !up {
+            self.rtc.fall_back();
+        }
+        self.control_out.rewind();
+        self.last_progress = Instant::now();
+        for terminal in self.terminals.values_mut() {
+            terminal.input.rewind();
+            terminal.last_progress = Instant::now();
+        }
+    }
+
+    /// Sends a frame on the data channel when one is open, else the relay.
     async fn send(&mut self, frame: Frame) -> anyhow::Result<()> {
-        self.link.send_relay(&self.device, &frame.encode()).await
+        let encoded = frame.encode();
+        if let Some(channel) = self.rtc.channel() {
+            match channel.send(&encoded).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    tracing::info!(%err, "data channel failed; back to the relay");
+                    self.switch_link(false);
+                }
+            }
+        }
+        self.link.send_relay(&self.device, &encoded).await
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
@@ -323,6 +473,9 @@ impl Driver {
                     Terminal {
                         session_id: None,
                         output: InStream::default(),
+                        pending: VecDeque::new(),
+                        delivered: 0,
+                        acked: 0,
                         input: OutStream::new(stream, STREAM_BUFFER),
                         events,
                         fin: None,
@@ -349,6 +502,13 @@ impl Driver {
                 self.pings.insert(nonce, (Instant::now(), reply));
                 self.send(Frame::Ping(nonce)).await?;
             }
+            Command::Path(reply) => {
+                let _ = reply.send(PathStatus {
+                    path: self.rtc.path().await,
+                    settled_on_relay: self.settled_on_relay,
+                    candidates: self.rtc.selected_types().await,
+                });
+            }
         }
         self.flush().await
     }
@@ -369,7 +529,7 @@ impl Driver {
             } => {
                 if let Some(fresh) = self.control_in.accept(offset, bytes) {
                     self.reader.push(&fresh);
-                    self.read_responses()?;
+                    self.read_responses().await?;
                 }
                 if let Some(ack) = self.control_in.take_ack(CONTROL_STREAM, true) {
                     self.send(ack).await?;
@@ -383,18 +543,11 @@ impl Driver {
                 let Some(terminal) = self.terminals.get_mut(&stream) else {
                     return Ok(());
                 };
-                // Take the bytes only if the reader has room; otherwise they
-                // are resent later.
-                if terminal.events.capacity() > 0 {
-                    if let Some(fresh) = terminal.output.accept(offset, bytes) {
-                        let _ = terminal.events.try_send(PtyEvent::Output(fresh));
-                    }
+                if let Some(fresh) = terminal.output.accept(offset, bytes) {
+                    let start = terminal.output.position() - fresh.len() as u64;
+                    terminal.pending.push_back((start, fresh));
                 }
-                let ack = terminal.output.take_ack(stream, true);
-                self.finish_if_done(stream);
-                if let Some(ack) = ack {
-                    self.send(ack).await?;
-                }
+                self.deliver(stream).await?;
             }
             Frame::Ack {
                 stream: CONTROL_STREAM,
@@ -409,6 +562,11 @@ impl Driver {
                     if terminal.input.ack(offset) {
                         terminal.last_progress = Instant::now();
                     }
+                }
+            }
+            Frame::Skip { stream, offset } => {
+                if let Some(terminal) = self.terminals.get_mut(&stream) {
+                    terminal.output.skip_to(offset);
                 }
             }
             Frame::Fin { stream, offset } => {
@@ -427,7 +585,7 @@ impl Driver {
         Ok(())
     }
 
-    fn read_responses(&mut self) -> anyhow::Result<()> {
+    async fn read_responses(&mut self) -> anyhow::Result<()> {
         while let Some(message) = self
             .reader
             .next_message()
@@ -440,7 +598,15 @@ impl Driver {
                     continue;
                 }
             };
-            self.on_response(response);
+            match response {
+                Response::RtcAnswer { sdp } => {
+                    if let Err(err) = self.rtc.accept_answer(sdp).await {
+                        tracing::warn!(err = format!("{err:#}"), "WebRTC answer refused");
+                    }
+                }
+                Response::RtcCandidate(candidate) => self.rtc.add_candidate(candidate).await,
+                response => self.on_response(response),
+            }
         }
         Ok(())
     }
@@ -476,7 +642,9 @@ impl Driver {
                 }
                 None
             }
-            Response::PtyOutput { .. } => None,
+            Response::PtyOutput { .. } | Response::RtcAnswer { .. } | Response::RtcCandidate(_) => {
+                None
+            }
         };
         match id.and_then(|id| self.pending.remove(&id)) {
             Some(reply) => {
@@ -486,14 +654,53 @@ impl Driver {
         }
     }
 
-    /// Reports the exit once every byte up to the stream's end arrived.
+    /// Hands pending output to the reader as far as it has room, and
+    /// acknowledges what it took.
+    async fn deliver(&mut self, stream: u32) -> anyhow::Result<()> {
+        let Some(terminal) = self.terminals.get_mut(&stream) else {
+            return Ok(());
+        };
+        while let Some((offset, bytes)) = terminal.pending.front() {
+            if *offset > terminal.delivered {
+                let gap = offset - terminal.delivered;
+                if terminal.events.try_send(PtyEvent::Skipped(gap)).is_err() {
+                    break;
+                }
+                terminal.delivered = *offset;
+            }
+            if terminal
+                .events
+                .try_send(PtyEvent::Output(bytes.clone()))
+                .is_err()
+            {
+                break;
+            }
+            terminal.delivered = offset + bytes.len() as u64;
+            terminal.pending.pop_front();
+        }
+        const ACK_EVERY: u64 = 16 * 1024;
+        let due = terminal.delivered > terminal.acked
+            && (terminal.pending.is_empty() || terminal.delivered - terminal.acked >= ACK_EVERY);
+        let ack = due.then(|| {
+            terminal.acked = terminal.delivered;
+            Frame::Ack {
+                stream,
+                offset: terminal.delivered,
+            }
+        });
+        self.finish_if_done(stream);
+        if let Some(ack) = ack {
+            self.send(ack).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports the exit once every byte up to the stream's end was taken.
     fn finish_if_done(&mut self, stream: u32) {
         let Some(terminal) = self.terminals.get(&stream) else {
             return;
         };
-        let complete = terminal
-            .fin
-            .is_some_and(|fin| terminal.output.position() >= fin);
+        let complete = terminal.fin.is_some_and(|fin| terminal.delivered >= fin);
         if let (Some(code), true) = (terminal.exit, complete) {
             if terminal.events.try_send(PtyEvent::Exited(code)).is_ok() {
                 self.terminals.remove(&stream);
@@ -503,6 +710,12 @@ impl Driver {
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
+        if self.rtc_deadline.is_some_and(|deadline| deadline <= now) {
+            tracing::info!("no peer-to-peer path within the ICE timeout; settled on the relay");
+            self.rtc_deadline = None;
+            self.settled_on_relay = true;
+            self.rtc.close().await;
+        }
         if self.control_out.in_flight() && now - self.last_progress >= RETRANSMIT_AFTER {
             self.control_out.rewind();
             self.last_progress = now;
@@ -513,14 +726,9 @@ impl Driver {
                 terminal.last_progress = now;
             }
         }
-        let stalled: Vec<u32> = self
-            .terminals
-            .iter()
-            .filter(|(_, t)| t.exit.is_some())
-            .map(|(s, _)| *s)
-            .collect();
-        for stream in stalled {
-            self.finish_if_done(stream);
+        let streams: Vec<u32> = self.terminals.keys().copied().collect();
+        for stream in streams {
+            self.deliver(stream).await?;
         }
         self.flush().await
     }

@@ -13,12 +13,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use cocoon_signaling::protocol::ClientId;
 use cocoon_signaling::protocol::frame::{CONTROL_STREAM, Frame};
-use cocoon_signaling::protocol::service::{Response, ServiceErrorCode, SessionId};
+use cocoon_signaling::protocol::service::{Request, Response, ServiceErrorCode, SessionId};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, interval};
 
 use super::stream::{InStream, MessageReader, OutStream, frame_message};
+use crate::link::rtc::{RtcConfig, RtcEvent, RtcSide};
 use crate::services::pty::Control;
 use crate::services::{Outgoing, ReplyTo, ServiceError, Services};
 
@@ -39,8 +40,14 @@ pub struct PeerHandle {
 }
 
 impl PeerHandle {
-    /// Starts the peer of `client`; its frames go out through `relay`.
-    pub fn spawn(client: ClientId, services: Arc<Services>, relay: mpsc::Sender<Outgoing>) -> Self {
+    /// Starts the peer of `client`; its frames go out through `relay`, or a
+    /// data channel once the client has negotiated one (with `rtc`).
+    pub fn spawn(
+        client: ClientId,
+        services: Arc<Services>,
+        relay: mpsc::Sender<Outgoing>,
+        rtc: Option<Arc<RtcConfig>>,
+    ) -> Self {
         let (frames, inbox) = mpsc::channel(FRAME_QUEUE);
         let (out, replies) = mpsc::channel(OUT_QUEUE);
         let peer = Peer {
@@ -56,6 +63,8 @@ impl PeerHandle {
             reader: MessageReader::default(),
             terminals: HashMap::new(),
             last_progress: Instant::now(),
+            rtc_config: rtc,
+            rtc: RtcSide::default(),
         };
         tokio::spawn(peer.run(inbox, replies));
         Self { frames }
@@ -87,6 +96,8 @@ struct Peer {
     reader: MessageReader,
     terminals: HashMap<u32, Terminal>,
     last_progress: Instant,
+    rtc_config: Option<Arc<RtcConfig>>,
+    rtc: RtcSide,
 }
 
 impl Peer {
@@ -103,24 +114,109 @@ impl Peer {
                     None => break,
                 },
                 Some(outgoing) = replies.recv() => self.on_outgoing(outgoing).await,
+                event = self.rtc.next_event() => self.on_rtc(event).await,
                 _ = tick.tick() => self.on_tick().await,
             };
             if sent.is_err() {
                 break;
             }
         }
+        self.rtc.close().await;
         tracing::debug!(client_id = %self.client, "peer ended");
     }
 
-    async fn send(&self, frame: Frame) -> Result<(), ()> {
+    /// Sends a frame on the data channel when one is open, else the relay.
+    async fn send(&mut self, frame: Frame) -> Result<(), ()> {
+        let encoded = frame.encode();
+        if let Some(channel) = self.rtc.channel() {
+            match channel.send(&encoded).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    tracing::info!(client_id = %self.client, %err, "data channel failed; back to the relay");
+                    self.switch_link(false);
+                }
+            }
+        }
         let outgoing = Outgoing::Frame {
             client: self.client.clone(),
-            frame: frame.encode(),
+            frame: encoded,
         };
         self.relay.send(outgoing).await.map_err(|_| ())
     }
 
+    /// Moves to the data channel (`up`) or back to the relay: everything
+    /// unacknowledged is sent again on the new link; the receiver drops
+    /// what it already has.
+    fn switch_link(&mut self, up: bool) {
+        if !up {
+            self.rtc.fall_back();
+        }
+        self.control_out.rewind();
+        self.last_progress = Instant::now();
+        for terminal in self.terminals.values_mut() {
+            terminal.sent = terminal.acked;
+            terminal.last_progress = Instant::now();
+            let _ = self
+                .services
+                .ptys()
+                .control(&terminal.session_id, Control::Rewind);
+        }
+    }
+
+    async fn on_rtc(&mut self, event: Option<RtcEvent>) -> Result<(), ()> {
+        match event {
+            Some(RtcEvent::Candidate(candidate)) => {
+                self.reply(Response::RtcCandidate(candidate)).await
+            }
+            Some(RtcEvent::Open(channel)) => {
+                tracing::info!(client_id = %self.client, "data channel open; traffic moves to it");
+                self.rtc.opened(channel).await;
+                self.switch_link(true);
+                self.flush_control().await
+            }
+            Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
+            Some(RtcEvent::State(state)) => {
+                use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as S;
+                if matches!(state, S::Failed | S::Closed | S::Disconnected)
+                    && self.rtc.channel().is_some()
+                {
+                    tracing::info!(client_id = %self.client, ?state, "peer connection lost; back to the relay");
+                    self.switch_link(false);
+                    self.flush_control().await?;
+                }
+                Ok(())
+            }
+            Some(RtcEvent::Closed) => {
+                if self.rtc.channel().is_some() {
+                    self.switch_link(false);
+                    self.flush_control().await?;
+                }
+                Ok(())
+            }
+            None => {
+                self.rtc.close().await;
+                self.switch_link(false);
+                self.flush_control().await
+            }
+        }
+    }
+
+    /// Queues a response on the control stream and sends it.
+    async fn reply(&mut self, response: Response) -> Result<(), ()> {
+        let message = frame_message(&serde_json::to_vec(&response).expect("responses serialize"));
+        if message.len() > self.control_out.room() {
+            tracing::warn!(client_id = %self.client, "control stream backlog full; response dropped");
+            return Ok(());
+        }
+        if !self.control_out.in_flight() {
+            self.last_progress = Instant::now();
+        }
+        self.control_out.push(&message);
+        self.flush_control().await
+    }
+
     async fn flush_control(&mut self) -> Result<(), ()> {
+        // Frames are taken one by one: `send` may switch links midway.
         while let Some(frame) = self.control_out.next_frame() {
             self.send(frame).await?;
         }
@@ -143,7 +239,9 @@ impl Peer {
             } => {
                 if let Some(fresh) = self.control_in.accept(offset, bytes) {
                     self.reader.push(&fresh);
-                    self.read_requests();
+                    for request in self.read_requests() {
+                        self.on_request(request).await?;
+                    }
                 }
                 if let Some(ack) = self.control_in.take_ack(CONTROL_STREAM, true) {
                     self.send(ack).await?;
@@ -158,10 +256,17 @@ impl Peer {
                     return Ok(());
                 };
                 if let Some(fresh) = terminal.input.accept(offset, bytes) {
+                    let start = terminal.input.position() - fresh.len() as u64;
                     let control = Control::Input(fresh.to_vec());
-                    if let Err(err) = self.services.ptys().control(&terminal.session_id, control) {
-                        self.reply_to
-                            .try_send(err.into_response(None, Some(terminal.session_id.clone())));
+                    match self.services.ptys().control(&terminal.session_id, control) {
+                        Ok(()) => {}
+                        // The session's queue is full: the client resends.
+                        Err(err) if err.code == ServiceErrorCode::Busy => {
+                            terminal.input.unaccept(start)
+                        }
+                        Err(err) => self
+                            .reply_to
+                            .try_send(err.into_response(None, Some(terminal.session_id.clone()))),
                     }
                 }
                 if let Some(ack) = terminal.input.take_ack(stream, true) {
@@ -188,32 +293,74 @@ impl Peer {
                     }
                 }
             }
-            Frame::Fin { .. } | Frame::Pong(_) => {}
+            Frame::Fin { .. } | Frame::Pong(_) | Frame::Skip { .. } => {}
             Frame::Ping(nonce) => self.send(Frame::Pong(nonce)).await?,
         }
         Ok(())
     }
 
-    /// Hands every complete control message to the services.
-    fn read_requests(&mut self) {
+    /// Every complete control message, decoded; undecodable ones are
+    /// answered with an error here.
+    fn read_requests(&mut self) -> Vec<Request> {
+        let mut requests = Vec::new();
         loop {
             match self.reader.next_message() {
-                Ok(Some(message)) => match serde_json::from_slice::<Value>(&message) {
-                    Ok(payload) => self.services.handle(self.reply_to.clone(), payload),
-                    Err(err) => self.reply_to.try_send(
-                        ServiceError::new(
-                            ServiceErrorCode::InvalidJson,
-                            format!("control message is not JSON: {err}"),
-                        )
-                        .into_response(None, None),
-                    ),
-                },
-                Ok(None) => return,
+                Ok(Some(message)) => {
+                    let decoded = serde_json::from_slice::<Value>(&message)
+                        .map_err(|err| {
+                            (
+                                ServiceErrorCode::InvalidJson,
+                                format!("control message is not JSON: {err}"),
+                            )
+                        })
+                        .and_then(Request::decode);
+                    match decoded {
+                        Ok(request) => requests.push(request),
+                        Err((code, message)) => self
+                            .reply_to
+                            .try_send(ServiceError::new(code, message).into_response(None, None)),
+                    }
+                }
+                Ok(None) => return requests,
                 Err(len) => {
                     tracing::warn!(client_id = %self.client, len, "control message too large; resetting the stream");
                     self.reader = MessageReader::default();
-                    return;
+                    return requests;
                 }
+            }
+        }
+    }
+
+    /// WebRTC signaling is the peer's own business; the rest goes to the
+    /// services.
+    async fn on_request(&mut self, request: Request) -> Result<(), ()> {
+        match request {
+            Request::RtcOffer { sdp } => {
+                let Some(config) = self.rtc_config.clone() else {
+                    let err = ServiceError::new(
+                        ServiceErrorCode::InvalidRequest,
+                        "WebRTC is disabled on this worker",
+                    );
+                    return self.reply(err.into_response(None, None)).await;
+                };
+                match self.rtc.answer(&config, sdp).await {
+                    Ok(sdp) => self.reply(Response::RtcAnswer { sdp }).await,
+                    Err(err) => {
+                        let err = ServiceError::new(
+                            ServiceErrorCode::InvalidRequest,
+                            format!("cannot answer the offer: {err:#}"),
+                        );
+                        self.reply(err.into_response(None, None)).await
+                    }
+                }
+            }
+            Request::RtcCandidate(candidate) => {
+                self.rtc.add_candidate(candidate).await;
+                Ok(())
+            }
+            other => {
+                self.services.handle_request(self.reply_to.clone(), other);
+                Ok(())
             }
         }
     }
@@ -238,8 +385,12 @@ impl Peer {
                 stream,
                 offset,
                 bytes,
+                skip,
                 ..
             } => {
+                if skip {
+                    self.send(Frame::Skip { stream, offset }).await?;
+                }
                 if let Some(terminal) = self.terminals.get_mut(&stream) {
                     if terminal.sent <= terminal.acked {
                         terminal.last_progress = Instant::now();

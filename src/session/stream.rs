@@ -110,6 +110,18 @@ impl InStream {
         self.next
     }
 
+    /// Continues at `offset`: the sender dropped what came before it.
+    pub fn skip_to(&mut self, offset: u64) {
+        self.next = self.next.max(offset);
+    }
+
+    /// Gives back bytes from `offset` on (they could not be used); the
+    /// sender resends them.
+    pub fn unaccept(&mut self, offset: u64) {
+        self.next = self.next.min(offset);
+        self.acked = self.acked.min(offset);
+    }
+
     /// An ACK for this stream, if enough arrived since the last one (or
     /// `now` and anything arrived at all).
     pub fn take_ack(&mut self, stream: u32, now: bool) -> Option<Frame> {

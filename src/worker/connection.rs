@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::link::rtc::RtcConfig;
 use crate::link::ws::{Incoming, WsLink};
 use crate::services::{Outgoing, ReplyTo, Services};
 use crate::session::peer::PeerHandle;
@@ -28,6 +29,8 @@ pub struct Node {
     pub out: mpsc::Sender<Outgoing>,
     /// The other end of `out`.
     pub outbound: mpsc::Receiver<Outgoing>,
+    /// WebRTC settings for peers.
+    pub rtc: Option<Arc<RtcConfig>>,
 }
 
 /// Why serving stopped.
@@ -90,7 +93,12 @@ async fn serve_loop(
                     continue;
                 }
                 let peer = peers.entry(client.clone()).or_insert_with(|| {
-                    PeerHandle::spawn(client, node.services.clone(), node.out.clone())
+                    PeerHandle::spawn(
+                        client,
+                        node.services.clone(),
+                        node.out.clone(),
+                        node.rtc.clone(),
+                    )
                 });
                 peer.deliver(frame);
             }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Services as ServiceList, WorkerArgs};
 use crate::identity::{Identity, check_data_dir, explain_mismatch};
+use crate::link::rtc::RtcConfig;
 use crate::link::ws::WsLink;
 use crate::services::Services;
 use crate::services::exec::{ExecPolicy, Executor};
@@ -56,12 +57,17 @@ pub struct WorkerConfig {
     pub proxy_timeout: Duration,
     /// Query settings.
     pub queries: QueryConfig,
+    /// WebRTC settings; `None` keeps every session on the relay.
+    pub rtc: Option<RtcConfig>,
 }
 
-impl From<WorkerArgs> for WorkerConfig {
-    fn from(args: WorkerArgs) -> Self {
+impl TryFrom<WorkerArgs> for WorkerConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: WorkerArgs) -> anyhow::Result<Self> {
         let queries = args.limits.query_config(&args.data_dir);
-        Self {
+        let rtc = args.rtc.config()?;
+        Ok(Self {
             url: args.url,
             secret: args.secret,
             setup_token: args.setup_token,
@@ -74,7 +80,8 @@ impl From<WorkerArgs> for WorkerConfig {
             env: args.limits.env_policy(),
             proxy_timeout: args.limits.proxy_timeout,
             queries,
-        }
+            rtc,
+        })
     }
 }
 
@@ -144,6 +151,7 @@ fn start_services(config: &WorkerConfig) -> anyhow::Result<Node> {
         services: Services::new(exec, ptys, Proxy::new(proxy), queries),
         out,
         outbound,
+        rtc: config.rtc.clone().map(Arc::new),
     })
 }
 

@@ -13,7 +13,12 @@
 //! FIN   0x03 | stream u32 | offset u64            the stream ends at offset
 //! PING  0x04 | nonce u64                          answer with PONG
 //! PONG  0x05 | nonce u64                          the PING's nonce
+//! SKIP  0x06 | stream u32 | offset u64            bytes below offset will never come
 //! ```
+//!
+//! SKIP is how a terminal stream tells a receiver that fell too far behind
+//! (and stopped acknowledging) that the oldest output was dropped: the
+//! receiver continues at `offset`.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -56,6 +61,13 @@ pub enum Frame {
     Ping(u64),
     /// The answer to a [`Frame::Ping`].
     Pong(u64),
+    /// Bytes of `stream` below `offset` were dropped and will never come.
+    Skip {
+        /// The stream.
+        stream: u32,
+        /// Where it continues.
+        offset: u64,
+    },
 }
 
 /// Why bytes are not a frame.
@@ -80,6 +92,7 @@ const ACK: u8 = 0x02;
 const FIN: u8 = 0x03;
 const PING: u8 = 0x04;
 const PONG: u8 = 0x05;
+const SKIP: u8 = 0x06;
 
 impl Frame {
     /// Encodes the frame.
@@ -96,11 +109,13 @@ impl Frame {
                 out.put_u64(*offset);
                 out.put_slice(bytes);
             }
-            Frame::Ack { stream, offset } | Frame::Fin { stream, offset } => {
-                out.put_u8(if matches!(self, Frame::Ack { .. }) {
-                    ACK
-                } else {
-                    FIN
+            Frame::Ack { stream, offset }
+            | Frame::Fin { stream, offset }
+            | Frame::Skip { stream, offset } => {
+                out.put_u8(match self {
+                    Frame::Ack { .. } => ACK,
+                    Frame::Fin { .. } => FIN,
+                    _ => SKIP,
                 });
                 out.put_u32(*stream);
                 out.put_u64(*offset);
@@ -120,7 +135,7 @@ impl Frame {
     fn encoded_len(&self) -> usize {
         match self {
             Frame::Data { bytes, .. } => DATA_HEADER + bytes.len(),
-            Frame::Ack { .. } | Frame::Fin { .. } => 13,
+            Frame::Ack { .. } | Frame::Fin { .. } | Frame::Skip { .. } => 13,
             Frame::Ping(_) | Frame::Pong(_) => 9,
         }
     }
@@ -155,14 +170,14 @@ impl Frame {
                     bytes: body,
                 })
             }
-            ACK | FIN => {
+            ACK | FIN | SKIP => {
                 exact(13)?;
                 let stream = body.get_u32();
                 let offset = body.get_u64();
-                Ok(if kind == ACK {
-                    Frame::Ack { stream, offset }
-                } else {
-                    Frame::Fin { stream, offset }
+                Ok(match kind {
+                    ACK => Frame::Ack { stream, offset },
+                    FIN => Frame::Fin { stream, offset },
+                    _ => Frame::Skip { stream, offset },
                 })
             }
             PING | PONG => {
@@ -206,6 +221,10 @@ mod tests {
             },
             Frame::Ping(9),
             Frame::Pong(9),
+            Frame::Skip {
+                stream: 2,
+                offset: 1 << 40,
+            },
         ];
         for frame in frames {
             assert_eq!(Frame::decode(frame.encode()), Ok(frame));

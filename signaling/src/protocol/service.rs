@@ -58,6 +58,8 @@ impl Encoding {
 
 /// The `type` names [`Request`] accepts.
 const REQUEST_TYPES: &[&str] = &[
+    "rtc_offer",
+    "rtc_candidate",
     "execute",
     "attach_pty",
     "pty_input",
@@ -96,10 +98,35 @@ impl Request {
     }
 }
 
+/// An ICE candidate, as the browser's `RTCIceCandidateInit` has it (with
+/// snake_case names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceCandidate {
+    /// The `candidate:` attribute line.
+    pub candidate: String,
+    /// The media stream's id.
+    #[serde(default)]
+    pub sdp_mid: Option<String>,
+    /// The media line's index.
+    #[serde(default)]
+    pub sdp_mline_index: Option<u16>,
+    /// The ICE username fragment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_fragment: Option<String>,
+}
+
 /// What a client asks of a worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
+    /// Session layer only: a WebRTC offer for a data channel to this worker.
+    RtcOffer {
+        /// The offer's SDP.
+        sdp: String,
+    },
+    /// Session layer only: one of the client's ICE candidates.
+    RtcCandidate(IceCandidate),
     /// Run a command to completion.
     Execute(Execute),
     /// Start an interactive terminal.
@@ -281,6 +308,13 @@ pub enum QueryType {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
+    /// The answer to `rtc_offer`.
+    RtcAnswer {
+        /// The answer's SDP.
+        sdp: String,
+    },
+    /// One of the worker's ICE candidates.
+    RtcCandidate(IceCandidate),
     /// The outcome of `execute`.
     ExecuteResult(ExecuteResult),
     /// A session was started.

@@ -39,6 +39,9 @@ const HOLD_PARTIAL: Duration = Duration::from_millis(30);
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);
 /// After the program exits, how long to try to deliver what is left.
 const FLUSH_AFTER_EXIT: Duration = Duration::from_secs(3);
+/// A viewer that acknowledges nothing for this long no longer holds the
+/// program up.
+const STALL_LIMIT: Duration = Duration::from_secs(5);
 /// Between SIGHUP and SIGKILL when a session is closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -68,6 +71,8 @@ struct Viewer {
     sent: u64,
     acked: u64,
     flow_control: bool,
+    /// When the viewer last acknowledged progress.
+    last_ack: Instant,
 }
 
 /// Timers, each optional; a timer that fired is cleared (and, where it
@@ -141,6 +146,7 @@ impl Session {
                 sent: 0,
                 acked: 0,
                 flow_control,
+                last_ack: Instant::now(),
             },
             pending_input: VecDeque::new(),
             held_at: None,
@@ -168,9 +174,10 @@ impl Session {
             let can_send = self.can_send();
             // The viewer may change between turns; the sender is cheap to clone.
             let out = self.viewer.to.as_ref().map(|to| to.out.clone());
-            let timer = self.deadlines.next();
+            let paused = self.paused();
+            let timer = self.deadlines.next().into_iter().chain(paused).min();
             tokio::select! {
-                ready = master.readable(), if !self.eof => match ready {
+                ready = master.readable(), if !self.eof && paused.is_none() => match ready {
                     Ok(guard) => self.read_output(guard, &mut buf),
                     Err(_) => self.eof = true,
                 },
@@ -226,7 +233,30 @@ impl Session {
     fn finished(&self) -> bool {
         self.exit_code.is_some()
             && (self.eof || self.expired.drain)
-            && (!self.has_unsent() || self.expired.flush)
+            && (self.delivered() || self.expired.flush)
+    }
+
+    /// Whether the viewer has everything: acknowledged, with flow control
+    /// (what is only sent may still need resending); sent, without.
+    fn delivered(&self) -> bool {
+        match &self.viewer.to {
+            None => true,
+            Some(_) if self.viewer.flow_control => self.viewer.acked >= self.ring.end(),
+            Some(_) => !self.has_unsent(),
+        }
+    }
+
+    /// A live viewer that acknowledges gets every byte: while the ring holds
+    /// all it has not acknowledged, reading pauses (the program waits, as
+    /// behind any terminal). A viewer silent for [`STALL_LIMIT`] stops
+    /// holding the program up: the ring then drops its oldest bytes.
+    /// Returns when the pause ends by itself.
+    fn paused(&self) -> Option<Instant> {
+        let viewer = &self.viewer;
+        let full = (self.ring.end() - viewer.acked) as usize + READ_BYTES > self.ring.capacity();
+        let until = viewer.last_ack + STALL_LIMIT;
+        (viewer.to.is_some() && viewer.flow_control && full && until > Instant::now())
+            .then_some(until)
     }
 
     fn has_unsent(&self) -> bool {
@@ -282,6 +312,7 @@ impl Session {
         if let Some(stream) = self.viewer.stream {
             // Raw bytes: no character boundaries to respect.
             let (from, bytes) = self.ring.read(self.viewer.sent, MAX_DATA);
+            let skip = from > self.viewer.sent;
             self.skip_to(from);
             self.viewer.sent = from + bytes.len() as u64;
             permit.send(Outgoing::Stream {
@@ -289,6 +320,7 @@ impl Session {
                 stream,
                 offset: from,
                 bytes: bytes.into(),
+                skip,
             });
             return;
         }
@@ -350,7 +382,10 @@ impl Session {
             }
             Control::Ack(offset) => {
                 let offset = offset.min(self.viewer.sent);
-                self.viewer.acked = self.viewer.acked.max(offset);
+                if offset > self.viewer.acked {
+                    self.viewer.acked = offset;
+                    self.viewer.last_ack = Instant::now();
+                }
             }
             Control::Close => self.hang_up(),
             Control::ClientLeft(client) => {
