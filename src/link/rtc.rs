@@ -29,12 +29,18 @@ use webrtc::peer_connection::sdp::session_description::RTCSessionDescription;
 
 /// The data channel's label.
 pub const CHANNEL_LABEL: &str = "cocoon";
-/// Events queued from one peer connection's callbacks.
-const EVENT_QUEUE: usize = 1024;
+/// Data-channel messages queued from one peer connection's callbacks;
+/// beyond this they are dropped (and resent by the session layer).
+const MESSAGE_QUEUE: usize = 1024;
+/// Other events (candidates, open, close, state) queued; kept apart from
+/// messages so that a flood of data never crowds out a state change.
+const SIGNAL_QUEUE: usize = 256;
 /// Sending waits while more than this is buffered in the channel.
 const HIGH_WATER: usize = 1024 * 1024;
 /// …and resumes once it drains below this.
 const LOW_WATER: usize = 256 * 1024;
+/// A channel that stays above the high water mark this long is stalled.
+const STALL: Duration = Duration::from_secs(2);
 
 /// A STUN or TURN server.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -180,13 +186,44 @@ pub enum RtcEvent {
 pub struct RtcPeer {
     /// The connection.
     pub pc: Arc<RTCPeerConnection>,
-    events: mpsc::Sender<RtcEvent>,
+    senders: Senders,
+}
+
+/// Where a connection's callbacks put what they see.
+#[derive(Clone)]
+struct Senders {
+    signals: mpsc::Sender<RtcEvent>,
+    messages: mpsc::Sender<Bytes>,
+}
+
+/// What a connection's callbacks saw, in two queues.
+pub struct Events {
+    signals: mpsc::Receiver<RtcEvent>,
+    messages: mpsc::Receiver<Bytes>,
+}
+
+impl Events {
+    /// The next event; signals first.
+    pub async fn recv(&mut self) -> Option<RtcEvent> {
+        tokio::select! {
+            biased;
+            signal = self.signals.recv() => signal,
+            message = self.messages.recv() => message.map(RtcEvent::Message),
+        }
+    }
 }
 
 impl RtcPeer {
     /// A new connection whose events go to the returned queue.
-    pub async fn new(config: &RtcConfig) -> anyhow::Result<(Self, mpsc::Receiver<RtcEvent>)> {
+    pub async fn new(config: &RtcConfig) -> anyhow::Result<(Self, Events)> {
         let mut engine = SettingEngine::default();
+        // Notice a dead path in 2 s (defaults: 5 s, failed after 25 s) so
+        // traffic falls back to the relay quickly.
+        engine.set_ice_timeouts(
+            Some(Duration::from_secs(2)),
+            Some(Duration::from_secs(6)),
+            Some(Duration::from_millis(500)),
+        );
         engine.set_include_loopback_candidate(config.include_loopback);
         engine.set_ice_multicast_dns_mode(MulticastDnsMode::Disabled);
         engine.set_network_types(vec![NetworkType::Udp4, NetworkType::Udp6]);
@@ -222,8 +259,10 @@ impl RtcPeer {
             ..Default::default()
         };
         let pc = Arc::new(api.new_peer_connection(rtc_config).await?);
-        let (events, queue) = mpsc::channel(EVENT_QUEUE);
-        let tx = events.clone();
+        let (signals, signals_rx) = mpsc::channel(SIGNAL_QUEUE);
+        let (messages, messages_rx) = mpsc::channel(MESSAGE_QUEUE);
+        let senders = Senders { signals, messages };
+        let tx = senders.signals.clone();
         pc.on_ice_candidate(Box::new(move |candidate| {
             let tx = tx.clone();
             Box::pin(async move {
@@ -232,17 +271,21 @@ impl RtcPeer {
                 }
             })
         }));
-        let tx = events.clone();
+        let tx = senders.signals.clone();
         pc.on_peer_connection_state_change(Box::new(move |state| {
             let _ = tx.try_send(RtcEvent::State(state));
             Box::pin(async {})
         }));
-        let tx = events.clone();
+        let tx = senders.clone();
         pc.on_data_channel(Box::new(move |channel| {
             wire(channel, tx.clone());
             Box::pin(async {})
         }));
-        Ok((Self { pc, events }, queue))
+        let events = Events {
+            signals: signals_rx,
+            messages: messages_rx,
+        };
+        Ok((Self { pc, senders }, events))
     }
 
     /// Offerer: opens the channel and makes the offer.
@@ -255,7 +298,7 @@ impl RtcPeer {
             .pc
             .create_data_channel(CHANNEL_LABEL, Some(init))
             .await?;
-        wire(channel, self.events.clone());
+        wire(channel, self.senders.clone());
         let offer = self.pc.create_offer(None).await?;
         self.pc.set_local_description(offer.clone()).await?;
         Ok(offer.sdp)
@@ -337,20 +380,21 @@ fn to_protocol(candidate: RTCIceCandidateInit) -> IceCandidate {
 
 /// Forwards a channel's events into the queue; nothing else happens in the
 /// callbacks (a full queue drops a message, which the session layer resends).
-fn wire(channel: Arc<RTCDataChannel>, events: mpsc::Sender<RtcEvent>) {
-    let tx = events.clone();
+fn wire(channel: Arc<RTCDataChannel>, senders: Senders) {
+    let tx = senders.signals.clone();
     let opened = channel.clone();
     channel.on_open(Box::new(move || {
         let _ = tx.try_send(RtcEvent::Open(opened));
         Box::pin(async {})
     }));
-    let tx = events.clone();
+    let tx = senders.messages;
     channel.on_message(Box::new(move |message| {
-        let _ = tx.try_send(RtcEvent::Message(message.data));
+        let _ = tx.try_send(message.data);
         Box::pin(async {})
     }));
+    let tx = senders.signals;
     channel.on_close(Box::new(move || {
-        let _ = events.try_send(RtcEvent::Closed);
+        let _ = tx.try_send(RtcEvent::Closed);
         Box::pin(async {})
     }));
 }
@@ -376,17 +420,26 @@ impl ChannelSender {
         Self { channel, drained }
     }
 
-    /// Sends one message (backpressure: waits while over the high water mark).
+    /// Sends one message. Backpressure: waits while over the high water
+    /// mark, but not longer than [`STALL`]: a channel that does not drain
+    /// has lost its path, and the caller moves to the relay.
     pub async fn send(&self, message: &Bytes) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + STALL;
         while self.channel.buffered_amount().await > HIGH_WATER {
             let drained = self.drained.notified();
             if self.channel.buffered_amount().await <= HIGH_WATER {
                 break;
             }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the data channel stalled"
+            );
             // The low-water callback wakes us; the timeout guards a missed one.
             let _ = tokio::time::timeout(Duration::from_millis(50), drained).await;
         }
-        self.channel.send(message).await?;
+        tokio::time::timeout_at(deadline, self.channel.send(message))
+            .await
+            .map_err(|_| anyhow::anyhow!("the data channel stalled"))??;
         Ok(())
     }
 }
@@ -449,8 +502,10 @@ pub enum Path {
 #[derive(Default)]
 pub struct RtcSide {
     peer: Option<RtcPeer>,
-    events: Option<mpsc::Receiver<RtcEvent>>,
+    events: Option<Events>,
     channel: Option<ChannelSender>,
+    /// Whether frames go on the channel (false while its path is down).
+    usable: bool,
     early_candidates: Vec<IceCandidate>,
     remote_ready: bool,
 }
@@ -518,16 +573,25 @@ impl RtcSide {
     /// The data channel opened: frames may go on it.
     pub async fn opened(&mut self, channel: Arc<RTCDataChannel>) {
         self.channel = Some(ChannelSender::new(channel).await);
+        self.usable = true;
     }
 
-    /// Stops using the data channel (it failed or closed).
+    /// Stops using the data channel while its path is down.
     pub fn fall_back(&mut self) {
-        self.channel = None;
+        self.usable = false;
     }
 
-    /// The open data channel, if any.
+    /// The path came back: returns whether the channel is usable again
+    /// (it was open before and is not yet in use).
+    pub fn recovered(&mut self) -> bool {
+        let again = self.channel.is_some() && !self.usable;
+        self.usable |= again;
+        again
+    }
+
+    /// The data channel, if open and its path up.
     pub fn channel(&self) -> Option<&ChannelSender> {
-        self.channel.as_ref()
+        self.channel.as_ref().filter(|_| self.usable)
     }
 
     /// Whether a connection exists (open or still connecting).
@@ -537,7 +601,7 @@ impl RtcSide {
 
     /// The path frames take now.
     pub async fn path(&self) -> Path {
-        match (&self.channel, &self.peer) {
+        match (self.channel(), &self.peer) {
             (Some(_), Some(peer)) => match peer.relayed().await {
                 Some(true) => Path::Turn,
                 _ => Path::Direct,
@@ -554,6 +618,7 @@ impl RtcSide {
     /// Tears the connection down.
     pub async fn close(&mut self) {
         self.channel = None;
+        self.usable = false;
         self.events = None;
         self.remote_ready = false;
         self.early_candidates.clear();

@@ -28,6 +28,8 @@ const RETRANSMIT_AFTER: Duration = Duration::from_millis(1000);
 const STREAM_BUFFER: usize = 4 * 1024 * 1024;
 /// Output chunks queued for a terminal's reader.
 const EVENT_QUEUE: usize = 256;
+/// After a working direct path fails, a new one is offered this much later.
+const REOFFER_AFTER: Duration = Duration::from_secs(3);
 /// How long a request may wait for its reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -119,6 +121,7 @@ impl Session {
             rtc: RtcSide::default(),
             rtc_deadline: None,
             settled_on_relay: false,
+            reoffer_at: None,
         };
         tokio::spawn(driver.run(queue));
         Ok(Self {
@@ -311,6 +314,7 @@ struct Driver {
     rtc: RtcSide,
     rtc_deadline: Option<Instant>,
     settled_on_relay: bool,
+    reoffer_at: Option<Instant>,
 }
 
 impl Driver {
@@ -376,12 +380,22 @@ impl Driver {
             Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
             Some(RtcEvent::State(state)) => {
                 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as S;
-                if matches!(state, S::Failed | S::Closed | S::Disconnected)
-                    && self.rtc.channel().is_some()
-                {
-                    tracing::info!(?state, "peer connection lost; back to the relay");
-                    self.switch_link(false);
-                    self.flush().await?;
+                match state {
+                    S::Failed | S::Closed | S::Disconnected if self.rtc.channel().is_some() => {
+                        tracing::info!(?state, "peer connection lost; back to the relay");
+                        self.switch_link(false);
+                        self.flush().await?;
+                    }
+                    S::Connected if self.rtc.recovered() => {
+                        tracing::info!("peer connection back; traffic returns to it");
+                        self.switch_link(true);
+                        self.flush().await?;
+                    }
+                    _ => {}
+                }
+                if state == S::Failed && !self.settled_on_relay {
+                    // A path that worked and died: try a fresh one soon.
+                    self.reoffer_at = Some(Instant::now() + REOFFER_AFTER);
                 }
                 Ok(())
             }
@@ -406,6 +420,8 @@ impl Driver {
         for terminal in self.terminals.values_mut() {
             terminal.input.rewind();
             terminal.last_progress = Instant::now();
+            // Acks sent on the old link may be lost: send them again.
+            terminal.acked = 0;
         }
     }
 
@@ -531,9 +547,7 @@ impl Driver {
                     self.reader.push(&fresh);
                     self.read_responses().await?;
                 }
-                if let Some(ack) = self.control_in.take_ack(CONTROL_STREAM, true) {
-                    self.send(ack).await?;
-                }
+                self.send(self.control_in.ack(CONTROL_STREAM)).await?;
             }
             Frame::Data {
                 stream,
@@ -543,11 +557,14 @@ impl Driver {
                 let Some(terminal) = self.terminals.get_mut(&stream) else {
                     return Ok(());
                 };
-                if let Some(fresh) = terminal.output.accept(offset, bytes) {
+                let fresh = terminal.output.accept(offset, bytes);
+                let duplicate = fresh.is_none();
+                if let Some(fresh) = fresh {
                     let start = terminal.output.position() - fresh.len() as u64;
                     terminal.pending.push_back((start, fresh));
                 }
-                self.deliver(stream).await?;
+                // A duplicate means the worker missed an ACK: repeat it.
+                self.deliver(stream, duplicate).await?;
             }
             Frame::Ack {
                 stream: CONTROL_STREAM,
@@ -656,7 +673,7 @@ impl Driver {
 
     /// Hands pending output to the reader as far as it has room, and
     /// acknowledges what it took.
-    async fn deliver(&mut self, stream: u32) -> anyhow::Result<()> {
+    async fn deliver(&mut self, stream: u32, force_ack: bool) -> anyhow::Result<()> {
         let Some(terminal) = self.terminals.get_mut(&stream) else {
             return Ok(());
         };
@@ -679,8 +696,10 @@ impl Driver {
             terminal.pending.pop_front();
         }
         const ACK_EVERY: u64 = 16 * 1024;
-        let due = terminal.delivered > terminal.acked
-            && (terminal.pending.is_empty() || terminal.delivered - terminal.acked >= ACK_EVERY);
+        let due = force_ack
+            || (terminal.delivered > terminal.acked
+                && (terminal.pending.is_empty()
+                    || terminal.delivered - terminal.acked >= ACK_EVERY));
         let ack = due.then(|| {
             terminal.acked = terminal.delivered;
             Frame::Ack {
@@ -716,6 +735,16 @@ impl Driver {
             self.settled_on_relay = true;
             self.rtc.close().await;
         }
+        if self.reoffer_at.is_some_and(|at| at <= now) {
+            self.reoffer_at = None;
+            tracing::info!("offering a new peer-to-peer path");
+            if let Err(err) = self.start_rtc().await {
+                tracing::warn!(
+                    err = format!("{err:#}"),
+                    "WebRTC unavailable; staying on the relay"
+                );
+            }
+        }
         if self.control_out.in_flight() && now - self.last_progress >= RETRANSMIT_AFTER {
             self.control_out.rewind();
             self.last_progress = now;
@@ -728,7 +757,7 @@ impl Driver {
         }
         let streams: Vec<u32> = self.terminals.keys().copied().collect();
         for stream in streams {
-            self.deliver(stream).await?;
+            self.deliver(stream, false).await?;
         }
         self.flush().await
     }

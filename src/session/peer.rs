@@ -177,12 +177,18 @@ impl Peer {
             Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
             Some(RtcEvent::State(state)) => {
                 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as S;
-                if matches!(state, S::Failed | S::Closed | S::Disconnected)
-                    && self.rtc.channel().is_some()
-                {
-                    tracing::info!(client_id = %self.client, ?state, "peer connection lost; back to the relay");
-                    self.switch_link(false);
-                    self.flush_control().await?;
+                match state {
+                    S::Failed | S::Closed | S::Disconnected if self.rtc.channel().is_some() => {
+                        tracing::info!(client_id = %self.client, ?state, "peer connection lost; back to the relay");
+                        self.switch_link(false);
+                        self.flush_control().await?;
+                    }
+                    S::Connected if self.rtc.recovered() => {
+                        tracing::info!(client_id = %self.client, "peer connection back; traffic returns to it");
+                        self.switch_link(true);
+                        self.flush_control().await?;
+                    }
+                    _ => {}
                 }
                 Ok(())
             }
@@ -243,9 +249,7 @@ impl Peer {
                         self.on_request(request).await?;
                     }
                 }
-                if let Some(ack) = self.control_in.take_ack(CONTROL_STREAM, true) {
-                    self.send(ack).await?;
-                }
+                self.send(self.control_in.ack(CONTROL_STREAM)).await?;
             }
             Frame::Data {
                 stream,
@@ -269,9 +273,8 @@ impl Peer {
                             .try_send(err.into_response(None, Some(terminal.session_id.clone()))),
                     }
                 }
-                if let Some(ack) = terminal.input.take_ack(stream, true) {
-                    self.send(ack).await?;
-                }
+                let ack = terminal.input.ack(stream);
+                self.send(ack).await?;
             }
             Frame::Ack {
                 stream: CONTROL_STREAM,

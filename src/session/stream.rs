@@ -85,11 +85,7 @@ impl OutStream {
 #[derive(Debug, Default)]
 pub struct InStream {
     next: u64,
-    acked: u64,
 }
-
-/// Acknowledge at least every this many bytes.
-const ACK_EVERY: u64 = 16 * 1024;
 
 impl InStream {
     /// The new bytes of a DATA frame: none for a duplicate or for a frame
@@ -119,20 +115,15 @@ impl InStream {
     /// sender resends them.
     pub fn unaccept(&mut self, offset: u64) {
         self.next = self.next.min(offset);
-        self.acked = self.acked.min(offset);
     }
 
-    /// An ACK for this stream, if enough arrived since the last one (or
-    /// `now` and anything arrived at all).
-    pub fn take_ack(&mut self, stream: u32, now: bool) -> Option<Frame> {
-        let due = self.next > self.acked && (now || self.next - self.acked >= ACK_EVERY);
-        due.then(|| {
-            self.acked = self.next;
-            Frame::Ack {
-                stream,
-                offset: self.next,
-            }
-        })
+    /// An ACK of everything taken so far. Sent for every DATA frame, new or
+    /// duplicate: a duplicate means the sender missed an earlier ACK.
+    pub fn ack(&self, stream: u32) -> Frame {
+        Frame::Ack {
+            stream,
+            offset: self.next,
+        }
     }
 }
 
@@ -226,15 +217,24 @@ mod tests {
             Some(&b"de"[..])
         );
         assert_eq!(input.position(), 5);
-        assert_eq!(input.take_ack(2, false), None, "not enough for an ack yet");
         assert_eq!(
-            input.take_ack(2, true),
-            Some(Frame::Ack {
+            input.ack(2),
+            Frame::Ack {
                 stream: 2,
                 offset: 5
-            })
+            }
         );
-        assert_eq!(input.take_ack(2, true), None);
+        input.skip_to(9);
+        assert_eq!(
+            input.accept(9, Bytes::from_static(b"z")).as_deref(),
+            Some(&b"z"[..])
+        );
+        input.unaccept(7);
+        assert_eq!(
+            input.position(),
+            7,
+            "given-back bytes are taken again when resent"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -165,6 +167,15 @@ impl WorkerProcess {
         let mut command = Command::new("setpriv");
         command
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_cocoon"));
+        Self::spawn_with(command, url, data_dir, env)
+    }
+
+    /// Like [`WorkerProcess::spawn`], inside a network namespace.
+    pub fn spawn_in(ns: &netns::Netns, url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &ns.name])
             .arg(env!("CARGO_BIN_EXE_cocoon"));
         Self::spawn_with(command, url, data_dir, env)
     }
@@ -435,6 +446,41 @@ impl Rig {
             &self.server.token(TokenKind::Access, "alice"),
             plain_tls(),
             &self.device_id,
+        )
+        .await
+        .expect("session connects")
+    }
+}
+
+/// Worker environment for WebRTC on loopback only (no STUN, no other
+/// interface is ever used).
+pub const LOOPBACK_RTC_ENV: &[(&str, &str)] = &[
+    ("WEBRTC_ICE_SERVERS", ""),
+    ("COCOON_WEBRTC_LOOPBACK", "true"),
+    ("COCOON_WEBRTC_NETWORKS", "127.0.0.1/32"),
+];
+
+/// The client side of [`LOOPBACK_RTC_ENV`].
+pub fn loopback_rtc() -> cocoon::link::rtc::RtcConfig {
+    cocoon::link::rtc::RtcConfig {
+        include_loopback: true,
+        allowed_networks: vec![cocoon::link::rtc::parse_network("127.0.0.1/32").unwrap()],
+        ..Default::default()
+    }
+}
+
+impl Rig {
+    /// A session that moves to a WebRTC data channel when it can.
+    pub async fn rtc_session(
+        &self,
+        rtc: cocoon::link::rtc::RtcConfig,
+    ) -> cocoon::session::client::Session {
+        cocoon::session::client::Session::connect_with(
+            &self.server.url(),
+            &self.server.token(TokenKind::Access, "alice"),
+            plain_tls(),
+            &self.device_id,
+            Some(rtc),
         )
         .await
         .expect("session connects")

@@ -1,0 +1,104 @@
+//! Network namespaces made by a test: a namespace joined to this one by a
+//! veth pair on a private 10.x subnet, removed when dropped.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A namespace with one veth link to the test's namespace.
+pub struct Netns {
+    pub name: String,
+    /// This side's address on the link.
+    pub host_ip: Ipv4Addr,
+    /// The namespace's address on the link.
+    pub ns_ip: Ipv4Addr,
+    host_if: String,
+}
+
+fn run(args: &[&str]) {
+    let status = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .expect("command runs");
+    assert!(status.success(), "{args:?} failed");
+}
+
+impl Netns {
+    /// Creates `cocoon-PID-N` with 10.213.X.2 inside and 10.213.X.1 here.
+    pub fn create() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let name = format!("cocoon-{pid}-{n}");
+        // A subnet unique per process and namespace.
+        let subnet = ((pid % 200) as u8).wrapping_add(n as u8 * 7);
+        let host_if = format!("cvh{}x{n}", pid % 100_000);
+        let ns_if = format!("cvn{}x{n}", pid % 100_000);
+        let host_ip = Ipv4Addr::new(10, 213, subnet, 1);
+        let ns_ip = Ipv4Addr::new(10, 213, subnet, 2);
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        run(&["ip", "netns", "add", &name]);
+        let netns = Self {
+            name,
+            host_ip,
+            ns_ip,
+            host_if,
+        };
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &netns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns_if,
+        ]);
+        run(&["ip", "link", "set", &ns_if, "netns", &netns.name]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/24"),
+            "dev",
+            &netns.host_if,
+        ]);
+        run(&["ip", "link", "set", &netns.host_if, "up"]);
+        netns.exec(&["ip", "addr", "add", &format!("{ns_ip}/24"), "dev", &ns_if]);
+        netns.exec(&["ip", "link", "set", &ns_if, "up"]);
+        netns.exec(&["ip", "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// Runs a command inside the namespace and checks it succeeded.
+    pub fn exec(&self, args: &[&str]) {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run(&all);
+    }
+
+    /// Drops all UDP in and out of the namespace (TCP still flows).
+    pub fn block_udp(&self) {
+        self.exec(&["iptables", "-I", "INPUT", "-p", "udp", "-j", "DROP"]);
+        self.exec(&["iptables", "-I", "OUTPUT", "-p", "udp", "-j", "DROP"]);
+    }
+
+    /// Lets UDP through again.
+    pub fn unblock_udp(&self) {
+        self.exec(&["iptables", "-D", "INPUT", "-p", "udp", "-j", "DROP"]);
+        self.exec(&["iptables", "-D", "OUTPUT", "-p", "udp", "-j", "DROP"]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .status();
+    }
+}

@@ -1,0 +1,231 @@
+//! Sessions that move from the relay to a WebRTC data channel, on loopback.
+
+mod common;
+
+use std::time::Duration;
+
+use cocoon::link::rtc::Path;
+use cocoon::session::client::{Pty, PtyEvent};
+use cocoon_signaling::protocol::service::{AttachPty, Execute, Request, Response};
+use common::*;
+
+fn attach(command: &str) -> AttachPty {
+    AttachPty {
+        request_id: None,
+        command: Some(command.into()),
+        cols: 80,
+        rows: 24,
+        env: None,
+        cwd: None,
+        flow_control: false,
+        stream: None,
+    }
+}
+
+async fn drain(pty: &mut Pty) -> (Vec<u8>, i32) {
+    let mut output = Vec::new();
+    loop {
+        let Ok(next) = tokio::time::timeout(DEADLINE, pty.next()).await else {
+            panic!("output stalled after {} bytes", output.len());
+        };
+        match next {
+            Some(PtyEvent::Output(bytes)) => output.extend_from_slice(&bytes),
+            Some(PtyEvent::Exited(code)) => return (output, code),
+            Some(PtyEvent::Skipped(n)) => panic!("{n} bytes skipped by a live client"),
+            None => panic!("session ended before the exit"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminal_bytes_flow_on_a_direct_data_channel() {
+    let rig = Rig::start(LOOPBACK_RTC_ENV).await;
+    let session = rig.rtc_session(loopback_rtc()).await;
+    let status = session
+        .wait_for_path(Path::Direct, Duration::from_secs(15))
+        .await
+        .expect("a direct path on loopback");
+    // Direct: host candidates on both ends (a peer-reflexive candidate is a
+    // host address learned from a connectivity check before its signaling).
+    let (local, remote) = status.candidates.expect("a selected pair");
+    for kind in [&local, &remote] {
+        assert!(
+            kind == "host" || kind == "prflx",
+            "pair {local}/{remote} is not direct"
+        );
+    }
+
+    let (relayed_before, _) = rig.server.hub.relayed();
+    let mut pty = session.attach_pty(attach("seq 1 300000")).await.unwrap();
+    let (output, code) = drain(&mut pty).await;
+    assert_eq!(code, 0);
+    let expected: String = (1..=300_000).map(|n| format!("{n}\r\n")).collect();
+    assert!(
+        output == expected.as_bytes(),
+        "byte-exact over the data channel"
+    );
+    let (relayed_after, _) = rig.server.hub.relayed();
+    assert!(
+        relayed_after - relayed_before < 16 * 1024,
+        "the relay carried {} bytes of a {}-byte stream",
+        relayed_after - relayed_before,
+        expected.len()
+    );
+
+    let response = session
+        .request(Request::Execute(Execute {
+            request_id: None,
+            command: "head -c 100000 /dev/zero | tr '\\0' y".into(),
+            input: None,
+            timeout_secs: None,
+            env: None,
+            cwd: None,
+        }))
+        .await
+        .unwrap();
+    let Response::ExecuteResult(result) = response else {
+        panic!("execute_result")
+    };
+    assert_eq!(
+        result.data.stdout.len(),
+        100_000,
+        "larger than a frame, intact"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_prompt_does_not_wait_for_ice() {
+    let rig = Rig::start(LOOPBACK_RTC_ENV).await;
+    // A client whose candidates can never reach the worker: ICE cannot
+    // succeed, yet the terminal works at once over the relay.
+    let mut unreachable = loopback_rtc();
+    unreachable.allowed_networks = vec![cocoon::link::rtc::parse_network("192.0.2.1/32").unwrap()];
+    unreachable.include_loopback = false;
+    unreachable.ice_timeout = Duration::from_secs(2);
+    let session = rig.rtc_session(unreachable).await;
+    let mut pty = session
+        .attach_pty(attach("echo first-prompt"))
+        .await
+        .unwrap();
+    let (output, _) = drain(&mut pty).await;
+    assert_eq!(output, b"first-prompt\r\n");
+    let status = session.path().await.unwrap();
+    assert_eq!(status.path, Path::Relay);
+    assert!(!status.settled_on_relay);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !session.path().await.unwrap().settled_on_relay {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled on the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut pty = session.attach_pty(attach("echo still-here")).await.unwrap();
+    assert_eq!(drain(&mut pty).await.0, b"still-here\r\n");
+}
+
+/// Prints `seq 1 3000000` in 60 slices a tenth of a second apart, so the
+/// stream lasts long enough for the path to change under it.
+const PACED_SEQ: &str =
+    "for i in $(seq 1 60); do seq $((i*50000-49999)) $((i*50000)); sleep 0.1; done";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stream_survives_switching_paths_both_ways() {
+    use cocoon_signaling::auth::TokenKind;
+    use common::netns::Netns;
+
+    let ns = Netns::create();
+    let server_dir = tempfile::tempdir().unwrap();
+    let worker_dir = tempfile::tempdir().unwrap();
+    let config =
+        cocoon_signaling::Config::new((ns.host_ip, 0).into(), server_dir.path().to_owned());
+    let server = TestServer::start_with(config).await;
+    let setup = server.token(TokenKind::Setup, "alice");
+    let networks = format!("{}/32", ns.ns_ip);
+    let mut worker = WorkerProcess::spawn_in(
+        &ns,
+        &server.url(),
+        worker_dir.path(),
+        &[
+            ("COCOON_SETUP_TOKEN", setup.expose()),
+            ("WEBRTC_ICE_SERVERS", ""),
+            ("COCOON_WEBRTC_NETWORKS", &networks),
+        ],
+    );
+    let line = worker.expect_line("🆔 Device ID: ").await;
+    let device_id = cocoon_signaling::protocol::DeviceId::new(
+        line.split("Device ID: ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap(),
+    );
+    let rtc = cocoon::link::rtc::RtcConfig {
+        allowed_networks: vec![
+            cocoon::link::rtc::parse_network(&format!("{}/32", ns.host_ip)).unwrap(),
+        ],
+        ..Default::default()
+    };
+
+    // UDP blocked between the peers: the session starts on the relay.
+    ns.block_udp();
+    let session = cocoon::session::client::Session::connect_with(
+        &server.url(),
+        &server.token(TokenKind::Access, "alice"),
+        plain_tls(),
+        &device_id,
+        Some(rtc),
+    )
+    .await
+    .unwrap();
+    let mut pty = session.attach_pty(attach(PACED_SEQ)).await.unwrap();
+
+    // Phases: 0 relay → (unblock) 1 waiting for P2P → 2 on P2P →
+    // (block) 3 waiting for the relay → 4 back on the relay.
+    let mut phase = 0;
+    let mut up_at = 0;
+    let mut output = Vec::new();
+    let mut next_check = 0;
+    let code = loop {
+        let Ok(next) = tokio::time::timeout(DEADLINE, pty.next()).await else {
+            panic!(
+                "output stalled after {} bytes in phase {phase}",
+                output.len()
+            );
+        };
+        match next {
+            Some(PtyEvent::Output(bytes)) => output.extend_from_slice(&bytes),
+            Some(PtyEvent::Exited(code)) => break code,
+            Some(PtyEvent::Skipped(n)) => panic!("{n} bytes skipped by a live client"),
+            None => panic!("session ended before the exit"),
+        }
+        if output.len() < next_check {
+            continue;
+        }
+        next_check = output.len() + 32 * 1024;
+        let path = session.path().await.unwrap().path;
+        match phase {
+            0 if output.len() > 1 << 20 => {
+                assert_eq!(path, Path::Relay);
+                ns.unblock_udp();
+                phase = 1;
+            }
+            1 if path == Path::Direct => {
+                up_at = output.len();
+                phase = 2;
+            }
+            2 if output.len() > up_at + (2 << 20) => {
+                ns.block_udp();
+                phase = 3;
+            }
+            3 if path == Path::Relay => phase = 4,
+            _ => {}
+        }
+    };
+    assert_eq!(phase, 4, "both switches happened while the stream ran");
+    assert_eq!(code, 0);
+    let expected: String = (1..=3_000_000).map(|n| format!("{n}\r\n")).collect();
+    assert_eq!(output.len(), expected.len(), "no byte lost or duplicated");
+    assert!(output == expected.as_bytes(), "and in order");
+}
