@@ -22,23 +22,6 @@ fn attach(command: &str) -> AttachPty {
     }
 }
 
-/// Everything a terminal prints until it exits, and its exit code.
-async fn drain(pty: &mut Pty) -> (Vec<u8>, i32) {
-    let mut output = Vec::new();
-    loop {
-        let next = tokio::time::timeout(DEADLINE, pty.next()).await;
-        let Ok(next) = next else {
-            panic!("output stalled after {} bytes", output.len());
-        };
-        match next {
-            Some(PtyEvent::Output(bytes)) => output.extend_from_slice(&bytes),
-            Some(PtyEvent::Exited(code)) => return (output, code),
-            Some(PtyEvent::Skipped(n)) => panic!("{n} bytes skipped by a live client"),
-            None => panic!("session ended before the exit"),
-        }
-    }
-}
-
 async fn read_until(pty: &mut Pty, needle: &str) -> Vec<u8> {
     let mut output = Vec::new();
     while !String::from_utf8_lossy(&output).contains(needle) {
@@ -58,7 +41,7 @@ async fn a_long_stream_arrives_byte_exact_over_the_relay() {
     let rig = Rig::start(&[]).await;
     let session = rig.session().await;
     let mut pty = session.attach_pty(attach("seq 1 300000")).await.unwrap();
-    let (output, code) = drain(&mut pty).await;
+    let (output, code) = drain_pty(&mut pty).await;
     assert_eq!(code, 0);
     let expected: String = (1..=300_000).map(|n| format!("{n}\r\n")).collect();
     assert_eq!(output.len(), expected.len());
@@ -90,7 +73,7 @@ async fn typing_resizing_and_closing_a_terminal() {
     let rtt = session.ping().await.unwrap();
     assert!(rtt < Duration::from_secs(5));
     pty.close().await.unwrap();
-    let (_, code) = drain(&mut pty).await;
+    let (_, code) = drain_pty(&mut pty).await;
     assert_ne!(code, 0, "closed by a signal");
 }
 
@@ -131,7 +114,7 @@ async fn terminals_on_one_session_stay_apart() {
         ));
     }
     for (n, mut pty) in terminals {
-        let (output, code) = drain(&mut pty).await;
+        let (output, code) = drain_pty(&mut pty).await;
         assert_eq!(code, 0);
         let expected: String = (n..=20000).step_by(3).map(|i| format!("{i}\r\n")).collect();
         assert!(

@@ -218,9 +218,11 @@ impl Services {
                     reply.try_send(err.into_response(None, Some(session_id)));
                 }
             },
-            Request::PtyAck { session_id, offset } => {
-                self.pty_control(&reply, session_id, Control::Ack(offset))
-            }
+            Request::PtyAck { session_id, offset } => self.pty_control(
+                &reply,
+                session_id,
+                Control::Ack(reply.client.clone(), offset),
+            ),
             Request::PtyResize {
                 session_id,
                 cols,
@@ -241,6 +243,22 @@ impl Services {
                     return reply.try_send(err.into_response(None, Some(session_id)));
                 }
                 self.pty_control(&reply, session_id, Control::Resize(cols, rows))
+            }
+            Request::PtyResume {
+                session_id,
+                offset,
+                request_id,
+                stream,
+            } => {
+                let control = Control::Attach {
+                    to: reply.clone(),
+                    stream,
+                    offset,
+                    request_id: request_id.clone(),
+                };
+                if let Err(err) = self.ptys.control(&session_id, control) {
+                    reply.try_send(err.into_response(request_id, Some(session_id)));
+                }
             }
             Request::PtyClose { session_id } => {
                 self.pty_control(&reply, session_id, Control::Close)

@@ -24,12 +24,27 @@ impl OutputRing {
 
     /// Appends bytes, dropping the oldest beyond the capacity.
     pub fn push(&mut self, bytes: &[u8]) {
-        let skipped = bytes.len().saturating_sub(self.capacity);
-        let bytes = &bytes[skipped..];
+        self.push_with(bytes, |_| {});
+    }
+
+    /// Appends bytes; the oldest bytes that no longer fit are shown to
+    /// `dropped`, in order, before they go.
+    pub fn push_with(&mut self, bytes: &[u8], mut dropped: impl FnMut(&[u8])) {
         let overflow = (self.buf.len() + bytes.len()).saturating_sub(self.capacity);
-        self.buf.drain(..overflow);
-        self.start += (overflow + skipped) as u64;
-        self.buf.extend(bytes);
+        let from_buf = overflow.min(self.buf.len());
+        let (a, b) = self.buf.as_slices();
+        dropped(&a[..from_buf.min(a.len())]);
+        dropped(&b[..from_buf.saturating_sub(a.len())]);
+        self.buf.drain(..from_buf);
+        let from_bytes = overflow - from_buf;
+        dropped(&bytes[..from_bytes]);
+        self.buf.extend(&bytes[from_bytes..]);
+        self.start += overflow as u64;
+    }
+
+    /// Every byte held, oldest first.
+    pub fn contents(&self) -> (&[u8], &[u8]) {
+        self.buf.as_slices()
     }
 
     /// Most bytes held.
@@ -92,6 +107,19 @@ mod tests {
         ring.push(&[b'x'; 20]);
         assert_eq!((ring.start(), ring.end()), (22, 30));
         assert_eq!(ring.read(0, 100).1, vec![b'x'; 8]);
+    }
+
+    #[test]
+    fn shows_every_dropped_byte_in_order() {
+        let mut ring = OutputRing::new(4);
+        let mut gone = Vec::new();
+        for chunk in [&b"ab"[..], b"cde", b"fghijk", b"l"] {
+            ring.push_with(chunk, |bytes| gone.extend_from_slice(bytes));
+        }
+        assert_eq!(gone, b"abcdefgh");
+        let (a, b) = ring.contents();
+        assert_eq!([a, b].concat(), b"ijkl");
+        assert_eq!(ring.start(), 8);
     }
 
     #[test]

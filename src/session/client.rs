@@ -43,6 +43,14 @@ pub enum PtyEvent {
     Skipped(u64),
     /// The program ended with this code; no output follows.
     Exited(i32),
+    /// After a resume that missed more than the worker keeps: reset the
+    /// terminal and write `screen` to redraw it; output continues at `offset`.
+    Snapshot {
+        /// Escape sequences that redraw the screen.
+        screen: Bytes,
+        /// Where the output continues.
+        offset: u64,
+    },
 }
 
 enum Command {
@@ -54,6 +62,14 @@ enum Command {
     Attach {
         request: AttachPty,
         id: String,
+        reply: oneshot::Sender<Response>,
+        events: mpsc::Sender<PtyEvent>,
+    },
+    Resume {
+        request: Request,
+        id: String,
+        stream: u32,
+        offset: u64,
         reply: oneshot::Sender<Response>,
         events: mpsc::Sender<PtyEvent>,
     },
@@ -180,11 +196,52 @@ impl Session {
                 stream,
                 commands: self.commands.clone(),
                 events,
+                offset: 0,
             }),
             Response::Error { code, message, .. } => {
                 bail!("attach_pty failed ({code:?}): {message}")
             }
             other => bail!("unexpected reply to attach_pty: {other:?}"),
+        }
+    }
+
+    /// Takes over a running terminal (after a reconnect, from another
+    /// client) having its output up to `offset`: the rest is replayed, or a
+    /// [`PtyEvent::Snapshot`] comes first when the worker no longer has it.
+    pub async fn resume_pty(&self, session_id: &SessionId, offset: u64) -> anyhow::Result<Pty> {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id();
+        let request = Request::PtyResume {
+            session_id: session_id.clone(),
+            offset,
+            request_id: Some(id.clone()),
+            stream: Some(stream),
+        };
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Resume {
+                request,
+                id,
+                stream,
+                offset,
+                reply,
+                events: events_tx,
+            })
+            .await
+            .context("the session has ended")?;
+        match wait(answer).await? {
+            Response::PtyResumed { session_id, .. } => Ok(Pty {
+                session_id,
+                stream,
+                commands: self.commands.clone(),
+                events,
+                offset,
+            }),
+            Response::Error { code, message, .. } => {
+                bail!("pty_resume failed ({code:?}): {message}")
+            }
+            other => bail!("unexpected reply to pty_resume: {other:?}"),
         }
     }
 
@@ -240,9 +297,15 @@ pub struct Pty {
     stream: u32,
     commands: mpsc::Sender<Command>,
     events: mpsc::Receiver<PtyEvent>,
+    offset: u64,
 }
 
 impl Pty {
+    /// Offset just past the output taken so far (what to resume from).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Types bytes.
     pub async fn write(&self, bytes: &[u8]) -> anyhow::Result<()> {
         self.command(Command::Input {
@@ -272,7 +335,14 @@ impl Pty {
 
     /// The next output or the exit; `None` once the session is gone.
     pub async fn next(&mut self) -> Option<PtyEvent> {
-        self.events.recv().await
+        let event = self.events.recv().await?;
+        match &event {
+            PtyEvent::Output(bytes) => self.offset += bytes.len() as u64,
+            PtyEvent::Skipped(n) => self.offset += n,
+            PtyEvent::Snapshot { offset, .. } => self.offset = *offset,
+            PtyEvent::Exited(_) => {}
+        }
+        Some(event)
     }
 
     async fn command(&self, command: Command) -> anyhow::Result<()> {
@@ -295,9 +365,34 @@ struct Terminal {
     acked: u64,
     input: OutStream,
     events: mpsc::Sender<PtyEvent>,
+    /// Waiting for `pty_resumed`: nothing is delivered yet.
+    resuming: bool,
+    /// A screen to deliver before any more output.
+    snapshot: Option<Bytes>,
     fin: Option<u64>,
     exit: Option<i32>,
     last_progress: Instant,
+}
+
+impl Terminal {
+    fn new(stream: u32, offset: u64, events: mpsc::Sender<PtyEvent>, resuming: bool) -> Self {
+        let mut output = InStream::default();
+        output.skip_to(offset);
+        Self {
+            session_id: None,
+            output,
+            pending: VecDeque::new(),
+            delivered: offset,
+            acked: offset,
+            input: OutStream::new(stream, STREAM_BUFFER),
+            events,
+            resuming,
+            snapshot: None,
+            fin: None,
+            exit: None,
+            last_progress: Instant::now(),
+        }
+    }
 }
 
 struct Driver {
@@ -484,21 +579,21 @@ impl Driver {
                 let stream = request.stream.expect("set by attach_pty");
                 self.queue_request(&Request::AttachPty(request))?;
                 self.pending.insert(id, reply);
-                self.terminals.insert(
-                    stream,
-                    Terminal {
-                        session_id: None,
-                        output: InStream::default(),
-                        pending: VecDeque::new(),
-                        delivered: 0,
-                        acked: 0,
-                        input: OutStream::new(stream, STREAM_BUFFER),
-                        events,
-                        fin: None,
-                        exit: None,
-                        last_progress: Instant::now(),
-                    },
-                );
+                self.terminals
+                    .insert(stream, Terminal::new(stream, 0, events, false));
+            }
+            Command::Resume {
+                request,
+                id,
+                stream,
+                offset,
+                reply,
+                events,
+            } => {
+                self.queue_request(&request)?;
+                self.pending.insert(id, reply);
+                self.terminals
+                    .insert(stream, Terminal::new(stream, offset, events, true));
             }
             Command::Input { stream, bytes } => {
                 if let Some(terminal) = self.terminals.get_mut(&stream) {
@@ -659,6 +754,25 @@ impl Driver {
                 }
                 None
             }
+            Response::PtyResumed {
+                session_id,
+                offset,
+                snapshot,
+                request_id,
+                stream,
+            } => {
+                if let Some(terminal) = stream.and_then(|s| self.terminals.get_mut(&s)) {
+                    terminal.session_id = Some(session_id.clone());
+                    terminal.snapshot = snapshot.as_ref().map(|s| Bytes::from(s.clone()));
+                    if *offset > terminal.delivered {
+                        terminal.output.skip_to(*offset);
+                        terminal.delivered = *offset;
+                        terminal.pending.retain(|(at, _)| *at >= *offset);
+                    }
+                    terminal.resuming = false;
+                }
+                request_id.clone()
+            }
             Response::PtyOutput { .. } | Response::RtcAnswer { .. } | Response::RtcCandidate(_) => {
                 None
             }
@@ -677,6 +791,19 @@ impl Driver {
         let Some(terminal) = self.terminals.get_mut(&stream) else {
             return Ok(());
         };
+        if terminal.resuming {
+            return Ok(());
+        }
+        if let Some(screen) = terminal.snapshot.take() {
+            let event = PtyEvent::Snapshot {
+                screen: screen.clone(),
+                offset: terminal.delivered,
+            };
+            if terminal.events.try_send(event).is_err() {
+                terminal.snapshot = Some(screen);
+                return Ok(());
+            }
+        }
         while let Some((offset, bytes)) = terminal.pending.front() {
             if *offset > terminal.delivered {
                 let gap = offset - terminal.delivered;

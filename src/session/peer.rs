@@ -159,7 +159,7 @@ impl Peer {
             let _ = self
                 .services
                 .ptys()
-                .control(&terminal.session_id, Control::Rewind);
+                .control(&terminal.session_id, Control::Rewind(self.client.clone()));
         }
     }
 
@@ -289,10 +289,10 @@ impl Peer {
                     if offset > terminal.acked {
                         terminal.acked = offset;
                         terminal.last_progress = Instant::now();
-                        let _ = self
-                            .services
-                            .ptys()
-                            .control(&terminal.session_id, Control::Ack(offset));
+                        let _ = self.services.ptys().control(
+                            &terminal.session_id,
+                            Control::Ack(self.client.clone(), offset),
+                        );
                     }
                 }
             }
@@ -439,6 +439,24 @@ impl Peer {
                     },
                 );
             }
+            Response::PtyResumed {
+                session_id,
+                offset,
+                stream: Some(stream),
+                ..
+            } => {
+                self.terminals.retain(|_, t| &t.session_id != session_id);
+                self.terminals.insert(
+                    *stream,
+                    Terminal {
+                        session_id: session_id.clone(),
+                        input: InStream::default(),
+                        sent: *offset,
+                        acked: *offset,
+                        last_progress: Instant::now(),
+                    },
+                );
+            }
             Response::PtyExited { session_id, .. } => {
                 self.terminals.retain(|_, t| &t.session_id != session_id);
             }
@@ -462,7 +480,7 @@ impl Peer {
                 let _ = self
                     .services
                     .ptys()
-                    .control(&terminal.session_id, Control::Rewind);
+                    .control(&terminal.session_id, Control::Rewind(self.client.clone()));
             }
         }
         Ok(())

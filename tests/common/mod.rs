@@ -486,3 +486,20 @@ impl Rig {
         .expect("session connects")
     }
 }
+
+/// Everything a terminal prints until it exits, and its exit code; a gap
+/// or a snapshot fails the test (a live client gets every byte).
+pub async fn drain_pty(pty: &mut cocoon::session::client::Pty) -> (Vec<u8>, i32) {
+    use cocoon::session::client::PtyEvent;
+    let mut output = Vec::new();
+    loop {
+        let Ok(next) = tokio::time::timeout(DEADLINE, pty.next()).await else {
+            panic!("output stalled after {} bytes", output.len());
+        };
+        match next.expect("the session is alive") {
+            PtyEvent::Output(bytes) => output.extend_from_slice(&bytes),
+            PtyEvent::Exited(code) => return (output, code),
+            other => panic!("a live client got {other:?}"),
+        }
+    }
+}

@@ -66,6 +66,7 @@ const REQUEST_TYPES: &[&str] = &[
     "pty_ack",
     "pty_resize",
     "pty_close",
+    "pty_resume",
     "proxy_http",
     "query_local",
 ];
@@ -161,6 +162,21 @@ pub enum Request {
     PtyClose {
         /// The session.
         session_id: SessionId,
+    },
+    /// Take over a running session (after a reconnect): its output comes to
+    /// this client from `offset` on — replayed exactly when the worker still
+    /// has it, else as a screen snapshot followed by live output.
+    PtyResume {
+        /// The session.
+        session_id: SessionId,
+        /// Offset just past the last output byte this client has.
+        offset: u64,
+        /// Echoed in `pty_resumed`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        /// On a session-layer control stream: the stream for the terminal's bytes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<u32>,
     },
     /// An HTTP request to a configured local service.
     ProxyHttp(ProxyHttp),
@@ -341,6 +357,24 @@ pub enum Response {
         /// of the previous chunk means output was dropped in between.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         offset: Option<u64>,
+    },
+    /// The client now receives the session's output.
+    PtyResumed {
+        /// The session.
+        session_id: SessionId,
+        /// Output continues from this offset.
+        offset: u64,
+        /// When the requested offset was no longer held: escape sequences
+        /// that redraw the current screen. Reset the terminal, write them,
+        /// then the output from `offset`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
+        /// From the request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_id: Option<String>,
+        /// From the request.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<u32>,
     },
     /// The session's program ended.
     PtyExited {

@@ -140,6 +140,7 @@ impl PtyManager {
             id.clone(),
             self.config.clone(),
             spawned,
+            (request.cols, request.rows),
             reply,
             request.stream,
             request.flow_control || request.stream.is_some(),

@@ -53,13 +53,24 @@ pub enum Control {
     /// New terminal size.
     Resize(u16, u16),
     /// The viewer has consumed output up to this offset.
-    Ack(u64),
+    Ack(ClientId, u64),
     /// End the session.
     Close,
     /// A client disconnected.
     ClientLeft(ClientId),
+    /// Another client takes over the output from `offset` on.
+    Attach {
+        /// Where output goes now.
+        to: ReplyTo,
+        /// Its session-layer stream, if any.
+        stream: Option<u32>,
+        /// What the client already has.
+        offset: u64,
+        /// Echoed in `pty_resumed`.
+        request_id: Option<String>,
+    },
     /// The link changed: send again everything not acknowledged.
-    Rewind,
+    Rewind(ClientId),
 }
 
 /// Where output goes and how much may be in flight.
@@ -115,6 +126,15 @@ pub struct Session {
     ring: OutputRing,
     viewer: Viewer,
     pending_input: VecDeque<u8>,
+    /// A terminal emulator fed every output byte as it leaves the ring:
+    /// with the ring's contents on top, the screen to redraw for a client
+    /// that missed more than the ring holds. (Parsing only what leaves the
+    /// ring costs nothing for sessions that never print a megabyte.)
+    screen: vt100::Parser,
+    /// Output offset up to which `screen` has parsed.
+    parsed: u64,
+    /// The next stream send starts after a gap the client must skip.
+    skip_pending: bool,
     /// `ring.end()` when a partial character was held back.
     held_at: Option<u64>,
     eof: bool,
@@ -130,10 +150,12 @@ impl Session {
         id: SessionId,
         config: Arc<PtyConfig>,
         spawned: Spawned,
+        size: (u16, u16),
         to: ReplyTo,
         stream: Option<u32>,
         flow_control: bool,
     ) -> (Self, AsyncFd<OwnedFd>) {
+        let (cols, rows) = size;
         let session = Self {
             id,
             ring: OutputRing::new(config.ring_bytes),
@@ -149,6 +171,9 @@ impl Session {
                 last_ack: Instant::now(),
             },
             pending_input: VecDeque::new(),
+            screen: vt100::Parser::new(rows, cols, 0),
+            parsed: 0,
+            skip_pending: false,
             held_at: None,
             eof: false,
             exit_code: None,
@@ -278,7 +303,17 @@ impl Session {
         match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(std::io::Error::from))
         {
             Ok(Ok(0)) => self.eof = true,
-            Ok(Ok(n)) => self.ring.push(&buf[..n]),
+            Ok(Ok(n)) => {
+                let (screen, parsed) = (&mut self.screen, &mut self.parsed);
+                let mut at = self.ring.start();
+                self.ring.push_with(&buf[..n], |gone| {
+                    // Bytes a snapshot already parsed are not parsed again.
+                    let fresh = (*parsed).saturating_sub(at).min(gone.len() as u64) as usize;
+                    screen.process(&gone[fresh..]);
+                    at += gone.len() as u64;
+                    *parsed = (*parsed).max(at);
+                });
+            }
             // EIO: every copy of the slave is closed.
             Ok(Err(err)) if err.raw_os_error() == Some(Errno::EIO as i32) => self.eof = true,
             Ok(Err(err)) => {
@@ -312,7 +347,7 @@ impl Session {
         if let Some(stream) = self.viewer.stream {
             // Raw bytes: no character boundaries to respect.
             let (from, bytes) = self.ring.read(self.viewer.sent, MAX_DATA);
-            let skip = from > self.viewer.sent;
+            let skip = from > self.viewer.sent || std::mem::take(&mut self.skip_pending);
             self.skip_to(from);
             self.viewer.sent = from + bytes.len() as u64;
             permit.send(Outgoing::Stream {
@@ -379,8 +414,11 @@ impl Session {
                 if let Err(err) = sys::resize(master, cols, rows) {
                     tracing::warn!(session_id = %self.id, %err, "resize failed");
                 }
+                self.screen.screen_mut().set_size(rows, cols);
             }
-            Control::Ack(offset) => {
+            // Acks and rewinds of a client that is no longer the viewer
+            // (the session was resumed elsewhere) are ignored.
+            Control::Ack(client, offset) if self.is_viewer(&client) => {
                 let offset = offset.min(self.viewer.sent);
                 if offset > self.viewer.acked {
                     self.viewer.acked = offset;
@@ -399,8 +437,70 @@ impl Session {
                     self.deadlines.detach = Some(Instant::now() + self.config.detach_timeout);
                 }
             }
-            Control::Rewind => self.viewer.sent = self.viewer.acked,
+            Control::Rewind(client) if self.is_viewer(&client) => {
+                self.viewer.sent = self.viewer.acked
+            }
+            Control::Ack(..) | Control::Rewind(_) => {}
+            Control::Attach {
+                to,
+                stream,
+                offset,
+                request_id,
+            } => self.attach(to, stream, offset, request_id),
         }
+    }
+
+    fn is_viewer(&self, client: &ClientId) -> bool {
+        self.viewer
+            .to
+            .as_ref()
+            .is_some_and(|to| &to.client == client)
+    }
+
+    /// Hands the output to another client: from `offset` when the ring
+    /// still has it, else from now on after a snapshot of the screen.
+    fn attach(
+        &mut self,
+        to: ReplyTo,
+        stream: Option<u32>,
+        offset: u64,
+        request_id: Option<String>,
+    ) {
+        let (start, snapshot) = if (self.ring.start()..=self.ring.end()).contains(&offset) {
+            (offset, None)
+        } else {
+            // Bring the emulator up to the newest byte.
+            let (a, b) = self.ring.contents();
+            let unparsed = self.parsed.saturating_sub(self.ring.start()) as usize;
+            let held = [a, b].concat();
+            self.screen.process(&held[unparsed.min(held.len())..]);
+            self.parsed = self.ring.end();
+            let mut screen = b"\x1b[H\x1b[2J".to_vec();
+            screen.extend(self.screen.screen().state_formatted());
+            (
+                self.ring.end(),
+                Some(String::from_utf8_lossy(&screen).into_owned()),
+            )
+        };
+        tracing::info!(session_id = %self.id, client_id = %to.client, offset, start, "session resumed");
+        to.try_send(Response::PtyResumed {
+            session_id: self.id.clone(),
+            offset: start,
+            snapshot,
+            request_id,
+            stream,
+        });
+        self.skip_pending = start > offset;
+        self.viewer = Viewer {
+            to: Some(to),
+            stream,
+            sent: start,
+            acked: start,
+            flow_control: stream.is_some() || self.viewer.flow_control,
+            last_ack: Instant::now(),
+        };
+        self.held_at = None;
+        self.deadlines.detach = None;
     }
 
     /// Hangs up the terminal: SIGHUP to the whole session now, SIGKILL to
