@@ -116,54 +116,15 @@ const PACED_SEQ: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stream_survives_switching_paths_both_ways() {
-    use cocoon_signaling::auth::TokenKind;
     use common::netns::Netns;
 
     let ns = Netns::create();
-    let server_dir = tempfile::tempdir().unwrap();
-    let worker_dir = tempfile::tempdir().unwrap();
-    let config =
-        cocoon_signaling::Config::new((ns.host_ip, 0).into(), server_dir.path().to_owned());
-    let server = TestServer::start_with(config).await;
-    let setup = server.token(TokenKind::Setup, "alice");
-    let networks = format!("{}/32", ns.ns_ip);
-    let mut worker = WorkerProcess::spawn_in(
-        &ns,
-        &server.url(),
-        worker_dir.path(),
-        &[
-            ("COCOON_SETUP_TOKEN", setup.expose()),
-            ("WEBRTC_ICE_SERVERS", ""),
-            ("COCOON_WEBRTC_NETWORKS", &networks),
-        ],
-    );
-    let line = worker.expect_line("🆔 Device ID: ").await;
-    let device_id = cocoon_signaling::protocol::DeviceId::new(
-        line.split("Device ID: ")
-            .nth(1)
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap(),
-    );
-    let rtc = cocoon::link::rtc::RtcConfig {
-        allowed_networks: vec![
-            cocoon::link::rtc::parse_network(&format!("{}/32", ns.host_ip)).unwrap(),
-        ],
-        ..Default::default()
-    };
+    let rig = Rig::start_in(&ns, &[]).await;
+    let rtc = netns_rtc(&ns);
 
     // UDP blocked between the peers: the session starts on the relay.
     ns.block_udp();
-    let session = cocoon::session::client::Session::connect_with(
-        &server.url(),
-        &server.token(TokenKind::Access, "alice"),
-        plain_tls(),
-        &device_id,
-        Some(rtc),
-    )
-    .await
-    .unwrap();
+    let session = rig.rtc_session(rtc).await;
     let mut pty = session.attach_pty(attach(PACED_SEQ)).await.unwrap();
 
     // Phases: 0 relay → (unblock) 1 waiting for P2P → 2 on P2P →
@@ -212,4 +173,54 @@ async fn a_long_stream_survives_switching_paths_both_ways() {
     let expected: String = (1..=3_000_000).map(|n| format!("{n}\r\n")).collect();
     assert_eq!(output.len(), expected.len(), "no byte lost or duplicated");
     assert!(output == expected.as_bytes(), "and in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_blocked_the_relay_serves_from_the_first_keystroke() {
+    use common::netns::Netns;
+
+    let ns = Netns::create();
+    ns.block_udp();
+    let rig = Rig::start_in(&ns, &[]).await;
+    let mut rtc = netns_rtc(&ns);
+    rtc.ice_timeout = Duration::from_secs(3);
+    let session = rig.rtc_session(rtc).await;
+    let mut pty = session
+        .attach_pty(attach("PS1='PROMPT> ' exec bash --norc --noprofile"))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut typed = false;
+    while !String::from_utf8_lossy(&seen).contains("42\r\n") {
+        let Ok(Some(PtyEvent::Output(bytes))) = tokio::time::timeout(DEADLINE, pty.next()).await
+        else {
+            panic!(
+                "no answer over the relay: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+        };
+        seen.extend_from_slice(&bytes);
+        if !typed && String::from_utf8_lossy(&seen).contains("PROMPT> ") {
+            pty.write(b"echo $((6*7))\n").await.unwrap();
+            typed = true;
+        }
+    }
+    assert_eq!(session.path().await.unwrap().path, Path::Relay);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !session.path().await.unwrap().settled_on_relay {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled on the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pty.write(b"echo $((7*7))\n").await.unwrap();
+    let mut after = Vec::new();
+    while !String::from_utf8_lossy(&after).contains("49\r\n") {
+        let Ok(Some(PtyEvent::Output(bytes))) = tokio::time::timeout(DEADLINE, pty.next()).await
+        else {
+            panic!("the relay stopped serving");
+        };
+        after.extend_from_slice(&bytes);
+    }
 }

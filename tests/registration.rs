@@ -11,14 +11,6 @@ use cocoon_signaling::identity::generate_secret;
 use cocoon_signaling::protocol::{DeviceId, ErrorCode, FromServer, Secret, ToServer};
 use common::*;
 
-fn device_id_in(line: &str) -> String {
-    line.split("Device ID: ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("a device id on the line")
-        .to_owned()
-}
-
 #[tokio::test]
 async fn first_registration_restart_and_server_restart() {
     let server_dir = tempfile::tempdir().unwrap();
@@ -43,7 +35,7 @@ async fn first_registration_restart_and_server_restart() {
         .await;
     let id_line = worker.expect_line("🆔 Device ID: ").await;
     assert!(id_line.ends_with("(HMAC-derived from secret)"), "{id_line}");
-    let device_id = device_id_in(&id_line);
+    let device_id = device_id_in(&id_line).to_string();
     worker.expect_line("💾 Saved device ID to").await;
 
     let secret_path = worker_dir.path().join(".secret");
@@ -77,7 +69,7 @@ async fn first_registration_restart_and_server_restart() {
         ])
         .await;
     let id_line = worker.expect_line("🆔 Device ID: ").await;
-    assert_eq!(device_id_in(&id_line), device_id);
+    assert_eq!(device_id_in(&id_line).to_string(), device_id);
     assert!(
         id_line.ends_with("(verified - secret matches!)"),
         "{id_line}"
@@ -90,7 +82,7 @@ async fn first_registration_restart_and_server_restart() {
     let server = TestServer::start_with(Config::new(addr, server_dir.path().to_owned())).await;
     worker.expect_line("✅ Registration confirmed").await;
     let id_line = worker.expect_line("🆔 Device ID: ").await;
-    assert_eq!(device_id_in(&id_line), device_id);
+    assert_eq!(device_id_in(&id_line).to_string(), device_id);
 
     let mut alice = server.client("alice").await;
     let devices = alice.list_devices().await.unwrap();

@@ -343,6 +343,33 @@ pub struct Rig {
     _server_dir: tempfile::TempDir,
 }
 
+/// Where a rig's worker runs.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Here,
+    Nobody,
+    Netns(&'a netns::Netns),
+}
+
+/// The device id on a worker's "🆔 Device ID: …" line.
+pub fn device_id_in(line: &str) -> cocoon_signaling::protocol::DeviceId {
+    line.split("Device ID: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(cocoon_signaling::protocol::DeviceId::new)
+        .expect("a device id on the line")
+}
+
+/// The client side of [`Rig::start_in`]: candidates on this side of the link.
+pub fn netns_rtc(ns: &netns::Netns) -> cocoon::link::rtc::RtcConfig {
+    cocoon::link::rtc::RtcConfig {
+        allowed_networks: vec![
+            cocoon::link::rtc::parse_network(&format!("{}/32", ns.host_ip)).unwrap(),
+        ],
+        ..Default::default()
+    }
+}
+
 impl Rig {
     /// Starts a server, a worker (with extra environment) and a client.
     pub async fn start(env: &[(&str, &str)]) -> Self {
@@ -351,24 +378,47 @@ impl Rig {
 
     /// Like [`Rig::start`], with the worker running as `nobody` if asked.
     pub async fn start_as(env: &[(&str, &str)], nobody: bool) -> Self {
+        let place = if nobody { Place::Nobody } else { Place::Here };
+        Self::start_at(env, place).await
+    }
+
+    /// A rig whose worker runs in a namespace and reaches the server (and
+    /// the test's clients) over the namespace's veth link only, WebRTC
+    /// included (see [`netns_rtc`] for the client side).
+    pub async fn start_in(ns: &netns::Netns, env: &[(&str, &str)]) -> Self {
+        Self::start_at(env, Place::Netns(ns)).await
+    }
+
+    async fn start_at(env: &[(&str, &str)], place: Place<'_>) -> Self {
         let server_dir = tempfile::tempdir().unwrap();
         let worker_dir = tempfile::tempdir().unwrap();
-        let server = TestServer::start(server_dir.path()).await;
+        let listen = match place {
+            Place::Netns(ns) => (ns.host_ip, 0).into(),
+            _ => ([127, 0, 0, 1], 0).into(),
+        };
+        let server =
+            TestServer::start_with(Config::new(listen, server_dir.path().to_owned())).await;
         let setup = server.token(TokenKind::Setup, "alice");
         let mut all_env = vec![("COCOON_SETUP_TOKEN", setup.expose())];
+        let networks = match place {
+            Place::Netns(ns) => format!("{}/32", ns.ns_ip),
+            _ => String::new(),
+        };
+        if let Place::Netns(_) = place {
+            all_env.extend([
+                ("WEBRTC_ICE_SERVERS", ""),
+                ("COCOON_WEBRTC_NETWORKS", networks.as_str()),
+            ]);
+        }
         all_env.extend_from_slice(env);
-        let mut worker = if nobody {
-            WorkerProcess::spawn_as_nobody(&server.url(), worker_dir.path(), &all_env)
-        } else {
-            WorkerProcess::spawn(&server.url(), worker_dir.path(), &all_env)
+        let url = server.url();
+        let mut worker = match place {
+            Place::Here => WorkerProcess::spawn(&url, worker_dir.path(), &all_env),
+            Place::Nobody => WorkerProcess::spawn_as_nobody(&url, worker_dir.path(), &all_env),
+            Place::Netns(ns) => WorkerProcess::spawn_in(ns, &url, worker_dir.path(), &all_env),
         };
         let line = worker.expect_line("🆔 Device ID: ").await;
-        let device_id = line
-            .split("Device ID: ")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(cocoon_signaling::protocol::DeviceId::new)
-            .unwrap();
+        let device_id = device_id_in(&line);
         let client = server.client("alice").await;
         Self {
             server,

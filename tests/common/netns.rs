@@ -37,7 +37,7 @@ impl Netns {
         let ns_if = format!("cvn{}x{n}", pid % 100_000);
         let host_ip = Ipv4Addr::new(10, 213, subnet, 1);
         let ns_ip = Ipv4Addr::new(10, 213, subnet, 2);
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        quietly(&["ip", "netns", "del", &name]);
         run(&["ip", "netns", "add", &name]);
         let netns = Self {
             name,
