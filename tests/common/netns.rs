@@ -92,13 +92,19 @@ impl Netns {
     }
 }
 
+/// Runs a best-effort clean-up command, ignoring whether it worked.
+fn quietly(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .status();
+        // Deleting the namespace deletes its veth end, and so the pair.
+        quietly(&["ip", "netns", "del", &self.name]);
+        quietly(&["ip", "link", "del", &self.host_if]);
     }
 }
