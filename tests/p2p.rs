@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cocoon::link::rtc::Path;
 use cocoon::session::client::PtyEvent;
-use cocoon_signaling::protocol::service::{AttachPty, Execute, Request, Response};
+use cocoon_signaling::protocol::service::{AttachPty, Execute, ProxyHttp, Request, Response};
 use common::*;
 
 fn attach(command: &str) -> AttachPty {
@@ -24,7 +24,11 @@ fn attach(command: &str) -> AttachPty {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminal_bytes_flow_on_a_direct_data_channel() {
-    let rig = Rig::start(LOOPBACK_RTC_ENV).await;
+    let web = common::http::upstream().await;
+    let services = format!("web:{}", web.addr.port());
+    let mut env = LOOPBACK_RTC_ENV.to_vec();
+    env.push(("COCOON_SERVICES", &services));
+    let rig = Rig::start(&env).await;
     let session = rig.rtc_session(loopback_rtc()).await;
     let status = session
         .wait_for_path(Path::Direct, Duration::from_secs(15))
