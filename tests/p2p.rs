@@ -80,6 +80,30 @@ async fn terminal_bytes_flow_on_a_direct_data_channel() {
         100_000,
         "larger than a frame, intact"
     );
+
+    let response = session
+        .request(Request::ProxyHttp(ProxyHttp {
+            request_id: "big".into(),
+            service_name: "web".into(),
+            method: "GET".into(),
+            path: "/big".into(),
+            headers: Default::default(),
+            body: None,
+            body_encoding: Default::default(),
+        }))
+        .await
+        .unwrap();
+    let Response::ProxyResult(result) = response else {
+        panic!("proxy_result")
+    };
+    assert_eq!(result.status_code, 200);
+    assert_eq!(result.body.as_deref().map(str::len), Some(200_000));
+    assert!(result.body.unwrap().bytes().all(|b| b == b'z'));
+    assert_eq!(
+        session.path().await.unwrap().path,
+        Path::Direct,
+        "still on the data channel"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
