@@ -88,6 +88,10 @@ pub struct RtcArgs {
     /// Use only TURN relay candidates.
     #[arg(long, env = "COCOON_WEBRTC_RELAY_ONLY")]
     pub webrtc_relay_only: bool,
+    /// Strict: no terminal or service traffic through the signaling relay
+    /// until a data channel opens or the ICE timeout passes.
+    #[arg(long, env = "COCOON_STRICT_P2P")]
+    pub strict_p2p: bool,
 }
 
 impl RtcArgs {
@@ -128,6 +132,7 @@ impl RtcArgs {
             port_range,
             nat_1to1_ips: self.webrtc_nat_ips.clone(),
             relay_only: self.webrtc_relay_only,
+            strict: self.strict_p2p,
             ice_timeout: self.ice_timeout,
         }))
     }

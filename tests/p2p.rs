@@ -252,3 +252,43 @@ async fn with_udp_blocked_the_relay_serves_from_the_first_keystroke() {
         after.extend_from_slice(&bytes);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_client_sends_its_terminal_over_the_data_channel_only() {
+    let rig = Rig::start(LOOPBACK_RTC_ENV).await;
+    let mut rtc = loopback_rtc();
+    rtc.strict = true;
+    let session = rig.rtc_session(rtc).await;
+    // The attach waits for the data channel instead of using the relay.
+    let mut pty = session
+        .attach_pty(attach("echo strict-$((2+2))"))
+        .await
+        .unwrap();
+    assert_eq!(session.path().await.unwrap().path, Path::Direct);
+    let (output, code) = drain_pty(&mut pty).await;
+    assert_eq!((output.as_slice(), code), (&b"strict-4\r\n"[..], 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_worker_serves_the_relay_only_after_the_ice_timeout() {
+    use common::netns::Netns;
+
+    let ns = Netns::create();
+    ns.block_udp();
+    let rig = Rig::start_in(
+        &ns,
+        &[("COCOON_STRICT_P2P", "true"), ("WEBRTC_ICE_TIMEOUT", "2s")],
+    )
+    .await;
+    let session = rig.rtc_session(netns_rtc(&ns)).await;
+    let started = std::time::Instant::now();
+    let mut pty = session.attach_pty(attach("echo late")).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the worker held the request until its ICE timeout ({:?})",
+        started.elapsed()
+    );
+    let (output, _) = drain_pty(&mut pty).await;
+    assert_eq!(output, b"late\r\n");
+    assert_eq!(session.path().await.unwrap().path, Path::Relay);
+}

@@ -118,6 +118,10 @@ pub struct RtcConfig {
     pub relay_only: bool,
     /// Give up on a direct path after this long and stay on the relay.
     pub ice_timeout: Duration,
+    /// Strict: no service traffic on the relay until the data channel is
+    /// open or the ICE timeout has passed (the spec's literal behaviour);
+    /// only WebRTC signaling uses the relay before that.
+    pub strict: bool,
 }
 
 impl Default for RtcConfig {
@@ -130,6 +134,7 @@ impl Default for RtcConfig {
             nat_1to1_ips: Vec::new(),
             relay_only: false,
             ice_timeout: Duration::from_secs(30),
+            strict: false,
         }
     }
 }

@@ -138,6 +138,7 @@ impl Session {
             rtc_deadline: None,
             settled_on_relay: false,
             reoffer_at: None,
+            held: Vec::new(),
         };
         tokio::spawn(driver.run(queue));
         Ok(Self {
@@ -410,6 +411,8 @@ struct Driver {
     rtc_deadline: Option<Instant>,
     settled_on_relay: bool,
     reoffer_at: Option<Instant>,
+    /// Commands held in strict mode.
+    held: Vec<Command>,
 }
 
 impl Driver {
@@ -470,6 +473,7 @@ impl Driver {
                 self.rtc.opened(channel).await;
                 self.rtc_deadline = None;
                 self.switch_link(true);
+                self.release_held().await?;
                 self.flush().await
             }
             Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
@@ -564,7 +568,37 @@ impl Driver {
         Ok(())
     }
 
+    /// Strict mode: requests wait until the data channel opens or the ICE
+    /// timeout passes; only WebRTC signaling uses the relay before that.
+    fn holding(&self) -> bool {
+        self.rtc_config.as_ref().is_some_and(|c| c.strict)
+            && self.rtc_deadline.is_some()
+            && self.rtc.channel().is_none()
+    }
+
+    async fn release_held(&mut self) -> anyhow::Result<()> {
+        for command in std::mem::take(&mut self.held) {
+            self.on_command(command).await?;
+        }
+        Ok(())
+    }
+
     async fn on_command(&mut self, command: Command) -> anyhow::Result<()> {
+        let waits = matches!(
+            command,
+            Command::Request { .. }
+                | Command::Attach { .. }
+                | Command::Resume { .. }
+                | Command::Send(_)
+        );
+        if waits && self.holding() {
+            anyhow::ensure!(
+                self.held.len() < 256,
+                "too many requests waiting for the data channel"
+            );
+            self.held.push(command);
+            return Ok(());
+        }
         match command {
             Command::Request { request, id, reply } => {
                 self.queue_request(&request)?;
@@ -861,6 +895,7 @@ impl Driver {
             self.rtc_deadline = None;
             self.settled_on_relay = true;
             self.rtc.close().await;
+            self.release_held().await?;
         }
         if self.reoffer_at.is_some_and(|at| at <= now) {
             self.reoffer_at = None;

@@ -30,6 +30,8 @@ const FRAME_QUEUE: usize = 256;
 const OUT_QUEUE: usize = 64;
 /// Unacknowledged control-stream bytes kept for resending.
 const CONTROL_BUFFER: usize = 8 * 1024 * 1024;
+/// Requests held at most in strict mode.
+const MAX_HELD: usize = 64;
 /// Resend what is unacknowledged after this long without progress.
 const RETRANSMIT_AFTER: Duration = Duration::from_millis(1000);
 
@@ -63,6 +65,11 @@ impl PeerHandle {
             reader: MessageReader::default(),
             terminals: HashMap::new(),
             last_progress: Instant::now(),
+            strict_until: rtc
+                .as_ref()
+                .filter(|config| config.strict)
+                .map(|config| Instant::now() + config.ice_timeout),
+            held: Vec::new(),
             rtc_config: rtc,
             rtc: RtcSide::default(),
         };
@@ -98,6 +105,10 @@ struct Peer {
     last_progress: Instant,
     rtc_config: Option<Arc<RtcConfig>>,
     rtc: RtcSide,
+    /// Strict mode: until when requests wait for the data channel.
+    strict_until: Option<Instant>,
+    /// Requests waiting for the data channel.
+    held: Vec<Request>,
 }
 
 impl Peer {
@@ -172,6 +183,7 @@ impl Peer {
                 tracing::info!(client_id = %self.client, "data channel open; traffic moves to it");
                 self.rtc.opened(channel).await;
                 self.switch_link(true);
+                self.release_held();
                 self.flush_control().await
             }
             Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
@@ -361,10 +373,37 @@ impl Peer {
                 self.rtc.add_candidate(candidate).await;
                 Ok(())
             }
+            other if self.holding() => {
+                // Strict mode: service traffic waits for the data channel.
+                if self.held.len() < MAX_HELD {
+                    self.held.push(other);
+                } else {
+                    let err = ServiceError::new(
+                        ServiceErrorCode::Busy,
+                        "too many requests waiting for the data channel",
+                    );
+                    self.reply_to.try_send(err.into_response(None, None));
+                }
+                Ok(())
+            }
             other => {
                 self.services.handle_request(self.reply_to.clone(), other);
                 Ok(())
             }
+        }
+    }
+
+    /// Strict mode holds requests until the data channel opens or the ICE
+    /// timeout passes.
+    fn holding(&self) -> bool {
+        self.strict_until
+            .is_some_and(|until| Instant::now() < until)
+            && self.rtc.channel().is_none()
+    }
+
+    fn release_held(&mut self) {
+        for request in std::mem::take(&mut self.held) {
+            self.services.handle_request(self.reply_to.clone(), request);
         }
     }
 
@@ -468,6 +507,9 @@ impl Peer {
     /// their session's ring.
     async fn on_tick(&mut self) -> Result<(), ()> {
         let now = Instant::now();
+        if !self.held.is_empty() && !self.holding() {
+            self.release_held();
+        }
         if self.control_out.in_flight() && now - self.last_progress >= RETRANSMIT_AFTER {
             self.control_out.rewind();
             self.last_progress = now;
