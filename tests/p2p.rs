@@ -292,3 +292,39 @@ async fn a_strict_worker_serves_the_relay_only_after_the_ice_timeout() {
     assert_eq!(output, b"late\r\n");
     assert_eq!(session.path().await.unwrap().path, Path::Relay);
 }
+
+/// Types a command and reads until `needle` appears.
+async fn run_in(pty: &mut cocoon::session::client::Pty, command: &str, needle: &str) {
+    pty.write(command.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        let Ok(Some(PtyEvent::Output(bytes))) = tokio::time::timeout(DEADLINE, pty.next()).await
+        else {
+            panic!("no {needle:?} in {:?}", String::from_utf8_lossy(&seen));
+        };
+        seen.extend_from_slice(&bytes);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_direct_path_falls_back_and_comes_back() {
+    use common::netns::Netns;
+
+    let ns = Netns::create();
+    let rig = Rig::start_in(&ns, &[]).await;
+    let session = rig.rtc_session(netns_rtc(&ns)).await;
+    let mut pty = session
+        .attach_pty(attach("PS1='PROMPT> ' exec bash --norc --noprofile"))
+        .await
+        .unwrap();
+    session.wait_for_path(Path::Direct, DEADLINE).await.unwrap();
+    run_in(&mut pty, "echo one-$((1))\n", "one-1\r\n").await;
+
+    ns.block_udp();
+    session.wait_for_path(Path::Relay, DEADLINE).await.unwrap();
+    run_in(&mut pty, "echo two-$((2))\n", "two-2\r\n").await;
+
+    ns.unblock_udp();
+    session.wait_for_path(Path::Direct, DEADLINE).await.unwrap();
+    run_in(&mut pty, "echo three-$((3))\n", "three-3\r\n").await;
+}

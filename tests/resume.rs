@@ -132,3 +132,31 @@ async fn a_client_that_missed_too_much_gets_the_current_screen() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_session_ends_after_the_detach_timeout() {
+    use cocoon_signaling::protocol::service::Response;
+    use serde_json::json;
+
+    let mut rig = Rig::start(&[("COCOON_DETACH_TIMEOUT", "1s")]).await;
+    let session = rig.session().await;
+    let pty = session.attach_pty(attach("sleep 1000")).await.unwrap();
+    drop(pty);
+    drop(session);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        rig.send_json(json!({"type": "query_local", "query_id": "q", "query_type": "ListTasks", "params": {"status": "running"}}))
+            .await;
+        let Response::QueryResult { data, .. } = rig.recv().await else {
+            panic!("query_result")
+        };
+        if data["total"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the detached session is still running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -509,8 +509,6 @@ pub struct RtcSide {
     peer: Option<RtcPeer>,
     events: Option<Events>,
     channel: Option<ChannelSender>,
-    /// Whether frames go on the channel (false while its path is down).
-    usable: bool,
     early_candidates: Vec<IceCandidate>,
     remote_ready: bool,
 }
@@ -578,25 +576,25 @@ impl RtcSide {
     /// The data channel opened: frames may go on it.
     pub async fn opened(&mut self, channel: Arc<RTCDataChannel>) {
         self.channel = Some(ChannelSender::new(channel).await);
-        self.usable = true;
     }
 
-    /// Stops using the data channel while its path is down.
+    /// Gives the connection up (its path failed): it is closed in the
+    /// background and never used again. A channel that lived through an
+    /// outage is not trusted: its SCTP association may sit out retransmission
+    /// backoffs of many seconds; a fresh connection is offered instead.
     pub fn fall_back(&mut self) {
-        self.usable = false;
+        self.channel = None;
+        self.events = None;
+        self.remote_ready = false;
+        self.early_candidates.clear();
+        if let Some(peer) = self.peer.take() {
+            tokio::spawn(async move { peer.close().await });
+        }
     }
 
-    /// The path came back: returns whether the channel is usable again
-    /// (it was open before and is not yet in use).
-    pub fn recovered(&mut self) -> bool {
-        let again = self.channel.is_some() && !self.usable;
-        self.usable |= again;
-        again
-    }
-
-    /// The data channel, if open and its path up.
+    /// The open data channel, if any.
     pub fn channel(&self) -> Option<&ChannelSender> {
-        self.channel.as_ref().filter(|_| self.usable)
+        self.channel.as_ref()
     }
 
     /// Whether a connection exists (open or still connecting).
@@ -623,7 +621,6 @@ impl RtcSide {
     /// Tears the connection down.
     pub async fn close(&mut self) {
         self.channel = None;
-        self.usable = false;
         self.events = None;
         self.remote_ready = false;
         self.early_candidates.clear();

@@ -479,22 +479,12 @@ impl Driver {
             Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
             Some(RtcEvent::State(state)) => {
                 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as S;
-                match state {
-                    S::Failed | S::Closed | S::Disconnected if self.rtc.channel().is_some() => {
-                        tracing::info!(?state, "peer connection lost; back to the relay");
-                        self.switch_link(false);
-                        self.flush().await?;
-                    }
-                    S::Connected if self.rtc.recovered() => {
-                        tracing::info!("peer connection back; traffic returns to it");
-                        self.switch_link(true);
-                        self.flush().await?;
-                    }
-                    _ => {}
-                }
-                if state == S::Failed && !self.settled_on_relay {
-                    // A path that worked and died: try a fresh one soon.
-                    self.reoffer_at = Some(Instant::now() + REOFFER_AFTER);
+                if matches!(state, S::Failed | S::Closed | S::Disconnected)
+                    && self.rtc.channel().is_some()
+                {
+                    tracing::info!(?state, "peer connection lost; back to the relay");
+                    self.switch_link(false);
+                    self.flush().await?;
                 }
                 Ok(())
             }
@@ -513,6 +503,8 @@ impl Driver {
     fn switch_link(&mut self, up: bool) {
         if !up {
             self.rtc.fall_back();
+            // A path that worked and died: offer a fresh one soon.
+            self.reoffer_at = Some(Instant::now() + REOFFER_AFTER);
         }
         self.control_out.rewind();
         self.last_progress = Instant::now();

@@ -189,18 +189,10 @@ impl Peer {
             Some(RtcEvent::Message(frame)) => self.on_frame(frame).await,
             Some(RtcEvent::State(state)) => {
                 use webrtc::peer_connection::peer_connection_state::RTCPeerConnectionState as S;
-                match state {
-                    S::Failed | S::Closed | S::Disconnected if self.rtc.channel().is_some() => {
-                        tracing::info!(client_id = %self.client, ?state, "peer connection lost; back to the relay");
-                        self.switch_link(false);
-                        self.flush_control().await?;
-                    }
-                    S::Connected if self.rtc.recovered() => {
-                        tracing::info!(client_id = %self.client, "peer connection back; traffic returns to it");
-                        self.switch_link(true);
-                        self.flush_control().await?;
-                    }
-                    _ => {}
+                if matches!(state, S::Failed | S::Closed | S::Disconnected) && self.rtc.active() {
+                    tracing::info!(client_id = %self.client, ?state, "peer connection lost; back to the relay");
+                    self.switch_link(false);
+                    self.flush_control().await?;
                 }
                 Ok(())
             }
