@@ -503,10 +503,14 @@ impl Rig {
     }
 }
 
-/// Worker environment for WebRTC on loopback only (no STUN, no other
-/// interface is ever used).
+/// A STUN server that never answers (nothing listens there): gathering
+/// must not wait for it, as with the unreachable default on closed networks.
+pub const DEAD_STUN: &str = "stun:127.0.0.1:9";
+
+/// Worker environment for WebRTC on loopback only (a dead STUN server, no
+/// other interface is ever used).
 pub const LOOPBACK_RTC_ENV: &[(&str, &str)] = &[
-    ("WEBRTC_ICE_SERVERS", ""),
+    ("WEBRTC_ICE_SERVERS", DEAD_STUN),
     ("COCOON_WEBRTC_LOOPBACK", "true"),
     ("COCOON_WEBRTC_NETWORKS", "127.0.0.1/32"),
 ];
@@ -514,6 +518,7 @@ pub const LOOPBACK_RTC_ENV: &[(&str, &str)] = &[
 /// The client side of [`LOOPBACK_RTC_ENV`].
 pub fn loopback_rtc() -> cocoon::link::rtc::RtcConfig {
     cocoon::link::rtc::RtcConfig {
+        ice_servers: cocoon::link::rtc::parse_ice_servers(DEAD_STUN, None, None).unwrap(),
         include_loopback: true,
         allowed_networks: vec![cocoon::link::rtc::parse_network("127.0.0.1/32").unwrap()],
         ..Default::default()
