@@ -12,17 +12,6 @@ use cocoon_signaling::protocol::service::{
 use common::*;
 use serde_json::json;
 
-fn execute(command: &str) -> Execute {
-    Execute {
-        request_id: None,
-        command: command.into(),
-        input: None,
-        timeout_secs: None,
-        env: None,
-        cwd: None,
-    }
-}
-
 async fn run(rig: &mut Rig, request: Execute) -> ExecuteResult {
     rig.send(&Request::Execute(request)).await;
     match rig.recv().await {
@@ -34,25 +23,25 @@ async fn run(rig: &mut Rig, request: Execute) -> ExecuteResult {
 #[tokio::test]
 async fn exit_codes_stdin_and_stderr() {
     let mut rig = Rig::start(&[]).await;
-    let ok = run(&mut rig, execute("echo out; echo err >&2")).await;
+    let ok = run(&mut rig, execute_request("echo out; echo err >&2")).await;
     assert!(ok.success);
     assert_eq!(ok.data.exit_code, Some(0));
     assert_eq!(ok.data.stdout, "out\n");
     assert_eq!(ok.data.stderr, "err\n");
 
-    let failed = run(&mut rig, execute("exit 3")).await;
+    let failed = run(&mut rig, execute_request("exit 3")).await;
     assert!(!failed.success);
     assert_eq!(failed.data.exit_code, Some(3));
     assert_eq!(failed.data.error, None);
 
-    let mut with_input = execute("tr a-z A-Z");
+    let mut with_input = execute_request("tr a-z A-Z");
     with_input.input = Some("hello\n".into());
     with_input.request_id = Some("r-1".into());
     let upper = run(&mut rig, with_input).await;
     assert_eq!(upper.data.stdout, "HELLO\n");
     assert_eq!(upper.request_id.as_deref(), Some("r-1"));
 
-    let binary = run(&mut rig, execute(r"printf '\377\376'")).await;
+    let binary = run(&mut rig, execute_request(r"printf '\377\376'")).await;
     assert_eq!(binary.data.stdout_encoding, Encoding::Base64);
     assert_eq!(
         Encoding::Base64.decode(&binary.data.stdout).unwrap(),
@@ -77,7 +66,7 @@ async fn the_spec_example_works_as_shown() {
 #[tokio::test]
 async fn a_timeout_kills_the_whole_process_group() {
     let mut rig = Rig::start(&[]).await;
-    let mut request = execute("sleep 1000 & echo $!; sleep 1000");
+    let mut request = execute_request("sleep 1000 & echo $!; sleep 1000");
     request.timeout_secs = Some(1);
     let started = Instant::now();
     let result = run(&mut rig, request).await;
@@ -121,7 +110,7 @@ async fn output_is_capped_and_flagged() {
     let mut rig = Rig::start(&[]).await;
     let result = run(
         &mut rig,
-        execute("head -c 2000000 /dev/zero | tr '\\0' a; echo done >&2"),
+        execute_request("head -c 2000000 /dev/zero | tr '\\0' a; echo done >&2"),
     )
     .await;
     assert!(result.success);
@@ -135,7 +124,7 @@ async fn output_files_come_back_once_and_are_cleaned() {
     let mut rig = Rig::start(&[]).await;
     let script = r#"cd "$COCOON_OUTPUT_DIR" && echo hi > a.txt && printf '\377\376' > b.bin \
         && mkdir d && echo x > d/c.txt && ln -s /etc/passwd link && ln -s / root"#;
-    let result = run(&mut rig, execute(script)).await;
+    let result = run(&mut rig, execute_request(script)).await;
     assert!(result.success, "{result:?}");
     let files: BTreeMap<_, _> = result
         .files
@@ -151,7 +140,7 @@ async fn output_files_come_back_once_and_are_cleaned() {
         ]),
         "symlinks are never followed"
     );
-    let again = run(&mut rig, execute(r#"ls -A "$COCOON_OUTPUT_DIR""#)).await;
+    let again = run(&mut rig, execute_request(r#"ls -A "$COCOON_OUTPUT_DIR""#)).await;
     assert_eq!(again.data.stdout, "");
     assert!(again.files.is_empty());
     let leftovers: Vec<_> = std::fs::read_dir(rig.worker_dir.path().join("output"))
@@ -173,7 +162,7 @@ async fn resource_limits_are_enforced() {
     .await;
     let memory = run(
         &mut rig,
-        execute("python3 -c 'b = bytearray(1024 * 1024 * 1024)'"),
+        execute_request("python3 -c 'b = bytearray(1024 * 1024 * 1024)'"),
     )
     .await;
     assert!(!memory.success);
@@ -181,7 +170,7 @@ async fn resource_limits_are_enforced() {
 
     let files = run(
         &mut rig,
-        execute(
+        execute_request(
             "python3 -c \"import os; [os.open('/dev/null', os.O_RDONLY) for _ in range(100)]\"",
         ),
     )
@@ -192,14 +181,14 @@ async fn resource_limits_are_enforced() {
         "{files:?}"
     );
 
-    let mut spin = execute("while :; do :; done");
+    let mut spin = execute_request("while :; do :; done");
     spin.timeout_secs = Some(60);
     let started = Instant::now();
     let cpu = run(&mut rig, spin).await;
     assert!(started.elapsed() < Duration::from_secs(30));
     assert_eq!(cpu.data.error.as_deref(), Some("limit_exceeded"), "{cpu:?}");
 
-    let fine = run(&mut rig, execute("echo within limits")).await;
+    let fine = run(&mut rig, execute_request("echo within limits")).await;
     assert!(fine.success);
 }
 
@@ -209,13 +198,13 @@ async fn process_limit_is_enforced() {
     // (when the tests run as root) or as the unprivileged test user.
     let as_nobody = nix::unistd::geteuid().is_root();
     let mut rig = Rig::start_as(&[("COCOON_LIMIT_NPROC", "1")], as_nobody).await;
-    let result = run(&mut rig, execute("sleep 0 & wait; echo forked")).await;
+    let result = run(&mut rig, execute_request("sleep 0 & wait; echo forked")).await;
     assert!(!result.success, "{result:?}");
     assert_eq!(result.data.stdout, "", "the shell could not fork");
     assert!(result.data.stderr.contains("Cannot fork"), "{result:?}");
 
     // Within the limit the same worker runs commands fine.
-    let plain = run(&mut rig, execute("echo ok")).await;
+    let plain = run(&mut rig, execute_request("echo ok")).await;
     assert_eq!(plain.data.stdout, "ok\n");
 }
 
@@ -227,14 +216,14 @@ async fn children_never_see_the_workers_secrets() {
         ("WEBRTC_TURN_CREDENTIAL", "turn-credential-value"),
     ])
     .await;
-    let result = run(&mut rig, execute("env")).await;
+    let result = run(&mut rig, execute_request("env")).await;
     assert!(result.data.stdout.contains("COCOON_OUTPUT_DIR="));
     assert!(!result.data.stdout.contains(secret.expose()));
     assert!(!result.data.stdout.contains("COCOON_SECRET"));
     assert!(!result.data.stdout.contains("COCOON_SETUP_TOKEN"));
     assert!(!result.data.stdout.contains("turn-credential-value"));
 
-    let mut hijack = execute("true");
+    let mut hijack = execute_request("true");
     hijack.env = Some(BTreeMap::from([(
         "LD_PRELOAD".to_string(),
         "/tmp/x.so".to_string(),
@@ -248,7 +237,7 @@ async fn children_never_see_the_workers_secrets() {
         }
     ));
 
-    let mut fine = execute("echo $GREETING");
+    let mut fine = execute_request("echo $GREETING");
     fine.env = Some(BTreeMap::from([("GREETING".to_string(), "hi".to_string())]));
     assert_eq!(run(&mut rig, fine).await.data.stdout, "hi\n");
 }
@@ -256,7 +245,7 @@ async fn children_never_see_the_workers_secrets() {
 #[tokio::test]
 async fn spawn_failures_and_bad_requests_get_clear_errors() {
     let mut rig = Rig::start(&[]).await;
-    let mut nowhere = execute("true");
+    let mut nowhere = execute_request("true");
     nowhere.cwd = Some("/nonexistent/dir".into());
     let result = run(&mut rig, nowhere).await;
     assert_eq!(result.data.error.as_deref(), Some("spawn_failed"));
@@ -286,7 +275,7 @@ async fn spawn_failures_and_bad_requests_get_clear_errors() {
         }
     }
     assert!(
-        run(&mut rig, execute("true")).await.success,
+        run(&mut rig, execute_request("true")).await.success,
         "the worker is unharmed"
     );
 }
@@ -294,9 +283,9 @@ async fn spawn_failures_and_bad_requests_get_clear_errors() {
 #[tokio::test]
 async fn a_slow_command_does_not_delay_a_quick_one() {
     let mut rig = Rig::start(&[]).await;
-    let mut slow = execute("sleep 3; echo slow");
+    let mut slow = execute_request("sleep 3; echo slow");
     slow.request_id = Some("slow".into());
-    let mut quick = execute("echo quick");
+    let mut quick = execute_request("echo quick");
     quick.request_id = Some("quick".into());
     rig.send(&Request::Execute(slow)).await;
     rig.send(&Request::Execute(quick)).await;

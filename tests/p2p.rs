@@ -6,21 +6,8 @@ use std::time::Duration;
 
 use cocoon::link::rtc::Path;
 use cocoon::session::client::PtyEvent;
-use cocoon_signaling::protocol::service::{AttachPty, Execute, ProxyHttp, Request, Response};
+use cocoon_signaling::protocol::service::{ProxyHttp, Request, Response};
 use common::*;
-
-fn attach(command: &str) -> AttachPty {
-    AttachPty {
-        request_id: None,
-        command: Some(command.into()),
-        cols: 80,
-        rows: 24,
-        env: None,
-        cwd: None,
-        flow_control: false,
-        stream: None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminal_bytes_flow_on_a_direct_data_channel() {
@@ -45,7 +32,10 @@ async fn terminal_bytes_flow_on_a_direct_data_channel() {
     }
 
     let (relayed_before, _) = rig.server.hub.relayed();
-    let mut pty = session.attach_pty(attach("seq 1 300000")).await.unwrap();
+    let mut pty = session
+        .attach_pty(attach_request(Some("seq 1 300000")))
+        .await
+        .unwrap();
     let (output, code) = drain_pty(&mut pty).await;
     assert_eq!(code, 0);
     let expected: String = (1..=300_000).map(|n| format!("{n}\r\n")).collect();
@@ -62,14 +52,9 @@ async fn terminal_bytes_flow_on_a_direct_data_channel() {
     );
 
     let response = session
-        .request(Request::Execute(Execute {
-            request_id: None,
-            command: "head -c 100000 /dev/zero | tr '\\0' y".into(),
-            input: None,
-            timeout_secs: None,
-            env: None,
-            cwd: None,
-        }))
+        .request(Request::Execute(execute_request(
+            "head -c 100000 /dev/zero | tr '\\0' y",
+        )))
         .await
         .unwrap();
     let Response::ExecuteResult(result) = response else {
@@ -117,7 +102,7 @@ async fn the_first_prompt_does_not_wait_for_ice() {
     unreachable.ice_timeout = Duration::from_secs(2);
     let session = rig.rtc_session(unreachable).await;
     let mut pty = session
-        .attach_pty(attach("echo first-prompt"))
+        .attach_pty(attach_request(Some("echo first-prompt")))
         .await
         .unwrap();
     let (output, _) = drain_pty(&mut pty).await;
@@ -133,7 +118,10 @@ async fn the_first_prompt_does_not_wait_for_ice() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut pty = session.attach_pty(attach("echo still-here")).await.unwrap();
+    let mut pty = session
+        .attach_pty(attach_request(Some("echo still-here")))
+        .await
+        .unwrap();
     assert_eq!(drain_pty(&mut pty).await.0, b"still-here\r\n");
 }
 
@@ -153,7 +141,10 @@ async fn a_long_stream_survives_switching_paths_both_ways() {
     // UDP blocked between the peers: the session starts on the relay.
     ns.block_udp();
     let session = rig.rtc_session(rtc).await;
-    let mut pty = session.attach_pty(attach(PACED_SEQ)).await.unwrap();
+    let mut pty = session
+        .attach_pty(attach_request(Some(PACED_SEQ)))
+        .await
+        .unwrap();
 
     // Phases: 0 relay → (unblock) 1 waiting for P2P → 2 on P2P →
     // (block) 3 waiting for the relay → 4 back on the relay.
@@ -214,7 +205,9 @@ async fn with_udp_blocked_the_relay_serves_from_the_first_keystroke() {
     rtc.ice_timeout = Duration::from_secs(3);
     let session = rig.rtc_session(rtc).await;
     let mut pty = session
-        .attach_pty(attach("PS1='PROMPT> ' exec bash --norc --noprofile"))
+        .attach_pty(attach_request(Some(
+            "PS1='PROMPT> ' exec bash --norc --noprofile",
+        )))
         .await
         .unwrap();
     let mut seen = Vec::new();
@@ -261,7 +254,7 @@ async fn a_strict_client_sends_its_terminal_over_the_data_channel_only() {
     let session = rig.rtc_session(rtc).await;
     // The attach waits for the data channel instead of using the relay.
     let mut pty = session
-        .attach_pty(attach("echo strict-$((2+2))"))
+        .attach_pty(attach_request(Some("echo strict-$((2+2))")))
         .await
         .unwrap();
     assert_eq!(session.path().await.unwrap().path, Path::Direct);
@@ -282,7 +275,10 @@ async fn a_strict_worker_serves_the_relay_only_after_the_ice_timeout() {
     .await;
     let session = rig.rtc_session(netns_rtc(&ns)).await;
     let started = std::time::Instant::now();
-    let mut pty = session.attach_pty(attach("echo late")).await.unwrap();
+    let mut pty = session
+        .attach_pty(attach_request(Some("echo late")))
+        .await
+        .unwrap();
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "the worker held the request until its ICE timeout ({:?})",
@@ -314,7 +310,9 @@ async fn a_cut_direct_path_falls_back_and_comes_back() {
     let rig = Rig::start_in(&ns, &[]).await;
     let session = rig.rtc_session(netns_rtc(&ns)).await;
     let mut pty = session
-        .attach_pty(attach("PS1='PROMPT> ' exec bash --norc --noprofile"))
+        .attach_pty(attach_request(Some(
+            "PS1='PROMPT> ' exec bash --norc --noprofile",
+        )))
         .await
         .unwrap();
     session.wait_for_path(Path::Direct, DEADLINE).await.unwrap();

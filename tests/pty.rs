@@ -26,19 +26,6 @@ struct Terminals {
 /// A shell with a prompt the tests can recognise.
 const MARKED_SHELL: &str = "PS1='PROMPT> ' exec bash --norc --noprofile";
 
-fn attach(command: Option<&str>) -> AttachPty {
-    AttachPty {
-        request_id: None,
-        command: command.map(str::to_owned),
-        cols: 80,
-        rows: 24,
-        env: None,
-        cwd: None,
-        flow_control: false,
-        stream: None,
-    }
-}
-
 impl Terminals {
     async fn open(&mut self, rig: &mut Rig, request: AttachPty) -> SessionId {
         rig.send(&Request::AttachPty(request)).await;
@@ -144,7 +131,9 @@ async fn the_login_shell_runs_commands() {
 async fn resize_is_seen_by_the_program() {
     let mut rig = Rig::start(&[]).await;
     let mut terms = Terminals::default();
-    let id = terms.open(&mut rig, attach(Some(MARKED_SHELL))).await;
+    let id = terms
+        .open(&mut rig, attach_request(Some(MARKED_SHELL)))
+        .await;
     type_in(&mut rig, &id, "stty size\n").await;
     terms.wait_output(&mut rig, &id, "24 80").await;
     rig.send(&Request::PtyResize {
@@ -188,8 +177,12 @@ async fn resize_is_seen_by_the_program() {
 async fn close_ends_a_busy_session_promptly_without_disturbing_others() {
     let mut rig = Rig::start(&[]).await;
     let mut terms = Terminals::default();
-    let busy = terms.open(&mut rig, attach(Some(MARKED_SHELL))).await;
-    let other = terms.open(&mut rig, attach(Some(MARKED_SHELL))).await;
+    let busy = terms
+        .open(&mut rig, attach_request(Some(MARKED_SHELL)))
+        .await;
+    let other = terms
+        .open(&mut rig, attach_request(Some(MARKED_SHELL)))
+        .await;
     type_in(&mut rig, &busy, "sleep 1000\n").await;
     terms.wait_output(&mut rig, &busy, "sleep 1000\r\n").await;
 
@@ -234,7 +227,9 @@ async fn close_ends_a_busy_session_promptly_without_disturbing_others() {
 async fn a_natural_exit_reports_the_real_code() {
     let mut rig = Rig::start(&[]).await;
     let mut terms = Terminals::default();
-    let id = terms.open(&mut rig, attach(Some(MARKED_SHELL))).await;
+    let id = terms
+        .open(&mut rig, attach_request(Some(MARKED_SHELL)))
+        .await;
     type_in(&mut rig, &id, "echo b''ye; exit 3\n").await;
     assert_eq!(terms.wait_exit(&mut rig, &id).await, 3);
     assert!(
@@ -249,7 +244,11 @@ async fn twenty_sessions_at_once() {
     let mut terms = Terminals::default();
     let mut ids = Vec::new();
     for _ in 0..20 {
-        ids.push(terms.open(&mut rig, attach(Some(MARKED_SHELL))).await);
+        ids.push(
+            terms
+                .open(&mut rig, attach_request(Some(MARKED_SHELL)))
+                .await,
+        );
     }
     for (n, id) in ids.iter().enumerate() {
         type_in(&mut rig, id, &format!("echo session-$((1000 + {n}))\n")).await;
@@ -268,7 +267,7 @@ async fn multibyte_characters_are_never_split_and_raw_bytes_survive() {
     let id = terms
         .open(
             &mut rig,
-            attach(Some("python3 -c \"print('€' * 100000 + 'END')\"")),
+            attach_request(Some("python3 -c \"print('€' * 100000 + 'END')\"")),
         )
         .await;
     terms.wait_exit(&mut rig, &id).await;
@@ -284,14 +283,14 @@ async fn multibyte_characters_are_never_split_and_raw_bytes_survive() {
     );
 
     let raw = terms
-        .open(&mut rig, attach(Some(r"printf 'a\377\376b'")))
+        .open(&mut rig, attach_request(Some(r"printf 'a\377\376b'")))
         .await;
     terms.wait_exit(&mut rig, &raw).await;
     assert_eq!(terms.output[&raw], b"a\xff\xfeb");
 
     // Raw bytes in: base64 input reaches the program byte for byte.
     let echo = terms
-        .open(&mut rig, attach(Some("head -c 3 | od -An -tx1")))
+        .open(&mut rig, attach_request(Some("head -c 3 | od -An -tx1")))
         .await;
     rig.send(&Request::PtyInput {
         session_id: echo.clone(),
@@ -321,7 +320,7 @@ async fn a_flood_to_a_client_that_does_not_read_stays_bounded_and_ctrl_c_works()
     let mut rig = Rig::start(&[]).await;
     let worker_pid = rig.worker.pid();
     let mut terms = Terminals::default();
-    let mut request = attach(Some(MARKED_SHELL));
+    let mut request = attach_request(Some(MARKED_SHELL));
     request.flow_control = true;
     let id = terms.open(&mut rig, request).await;
     terms.wait_output(&mut rig, &id, "PROMPT> ").await;
@@ -380,7 +379,9 @@ async fn a_flood_to_a_client_that_does_not_read_stays_bounded_and_ctrl_c_works()
 async fn bad_requests_get_errors_and_leave_sessions_alone() {
     let mut rig = Rig::start(&[]).await;
     let mut terms = Terminals::default();
-    let id = terms.open(&mut rig, attach(Some(MARKED_SHELL))).await;
+    let id = terms
+        .open(&mut rig, attach_request(Some(MARKED_SHELL)))
+        .await;
     let ghost = "00000000-0000-0000-0000-000000000000";
     let cases = [
         (

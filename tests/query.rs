@@ -2,7 +2,7 @@
 
 mod common;
 
-use cocoon_signaling::protocol::service::{Execute, Request, Response, ServiceErrorCode};
+use cocoon_signaling::protocol::service::{Request, Response, ServiceErrorCode};
 use common::*;
 use serde_json::{Value, json};
 
@@ -31,15 +31,7 @@ async fn query_error(rig: &mut Rig, payload: Value) -> ServiceErrorCode {
 }
 
 async fn execute(rig: &mut Rig, command: &str) {
-    rig.send(&Request::Execute(Execute {
-        request_id: None,
-        command: command.into(),
-        input: None,
-        timeout_secs: None,
-        env: None,
-        cwd: None,
-    }))
-    .await;
+    rig.send(&Request::Execute(execute_request(command))).await;
     assert!(matches!(rig.recv().await, Response::ExecuteResult(_)));
 }
 

@@ -7,21 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cocoon::session::client::{Pty, PtyEvent};
-use cocoon_signaling::protocol::service::AttachPty;
 use common::*;
-
-fn attach(command: &str) -> AttachPty {
-    AttachPty {
-        request_id: None,
-        command: Some(command.into()),
-        cols: 80,
-        rows: 24,
-        env: None,
-        cwd: None,
-        flow_control: false,
-        stream: None,
-    }
-}
 
 async fn next(pty: &mut Pty) -> PtyEvent {
     tokio::time::timeout(DEADLINE, pty.next())
@@ -35,7 +21,7 @@ async fn missed_output_is_replayed_exactly() {
     let rig = Rig::start(&[]).await;
     let first = rig.session().await;
     let paced = "for i in $(seq 1 40); do seq $((i*1000-999)) $((i*1000)); sleep 0.05; done";
-    let mut pty = first.attach_pty(attach(paced)).await.unwrap();
+    let mut pty = first.attach_pty(attach_request(Some(paced))).await.unwrap();
     let mut output = Vec::new();
     while output.len() < 20_000 {
         match next(&mut pty).await {
@@ -76,7 +62,10 @@ async fn a_client_that_missed_too_much_gets_the_current_screen() {
         marker.display()
     );
     let first = rig.session().await;
-    let mut pty = first.attach_pty(attach(&program)).await.unwrap();
+    let mut pty = first
+        .attach_pty(attach_request(Some(&program)))
+        .await
+        .unwrap();
     let PtyEvent::Output(_) = next(&mut pty).await else {
         panic!("output first")
     };
@@ -140,7 +129,10 @@ async fn a_detached_session_ends_after_the_detach_timeout() {
 
     let mut rig = Rig::start(&[("COCOON_DETACH_TIMEOUT", "1s")]).await;
     let session = rig.session().await;
-    let pty = session.attach_pty(attach("sleep 1000")).await.unwrap();
+    let pty = session
+        .attach_pty(attach_request(Some("sleep 1000")))
+        .await
+        .unwrap();
     drop(pty);
     drop(session);
     let deadline = Instant::now() + DEADLINE;

@@ -6,21 +6,8 @@ mod common;
 use std::time::Duration;
 
 use cocoon::session::client::{Pty, PtyEvent};
-use cocoon_signaling::protocol::service::{AttachPty, Execute, Request, Response};
+use cocoon_signaling::protocol::service::{Request, Response};
 use common::*;
-
-fn attach(command: &str) -> AttachPty {
-    AttachPty {
-        request_id: None,
-        command: Some(command.into()),
-        cols: 80,
-        rows: 24,
-        env: None,
-        cwd: None,
-        flow_control: false,
-        stream: None,
-    }
-}
 
 async fn read_until(pty: &mut Pty, needle: &str) -> Vec<u8> {
     let mut output = Vec::new();
@@ -40,7 +27,10 @@ async fn read_until(pty: &mut Pty, needle: &str) -> Vec<u8> {
 async fn a_long_stream_arrives_byte_exact_over_the_relay() {
     let rig = Rig::start(&[]).await;
     let session = rig.session().await;
-    let mut pty = session.attach_pty(attach("seq 1 300000")).await.unwrap();
+    let mut pty = session
+        .attach_pty(attach_request(Some("seq 1 300000")))
+        .await
+        .unwrap();
     let (output, code) = drain_pty(&mut pty).await;
     assert_eq!(code, 0);
     let expected: String = (1..=300_000).map(|n| format!("{n}\r\n")).collect();
@@ -61,7 +51,9 @@ async fn typing_resizing_and_closing_a_terminal() {
     let rig = Rig::start(&[]).await;
     let session = rig.session().await;
     let mut pty = session
-        .attach_pty(attach("PS1='PROMPT> ' exec bash --norc --noprofile"))
+        .attach_pty(attach_request(Some(
+            "PS1='PROMPT> ' exec bash --norc --noprofile",
+        )))
         .await
         .unwrap();
     read_until(&mut pty, "PROMPT> ").await;
@@ -82,14 +74,9 @@ async fn results_larger_than_a_frame_arrive_intact() {
     let rig = Rig::start(&[]).await;
     let session = rig.session().await;
     let response = session
-        .request(Request::Execute(Execute {
-            request_id: None,
-            command: "head -c 200000 /dev/zero | tr '\\0' x".into(),
-            input: None,
-            timeout_secs: None,
-            env: None,
-            cwd: None,
-        }))
+        .request(Request::Execute(execute_request(
+            "head -c 200000 /dev/zero | tr '\\0' x",
+        )))
         .await
         .unwrap();
     let Response::ExecuteResult(result) = response else {
@@ -108,7 +95,7 @@ async fn terminals_on_one_session_stay_apart() {
         terminals.push((
             n,
             session
-                .attach_pty(attach(&format!("seq {n} 3 20000")))
+                .attach_pty(attach_request(Some(&format!("seq {n} 3 20000"))))
                 .await
                 .unwrap(),
         ));

@@ -559,3 +559,29 @@ pub async fn drain_pty(pty: &mut cocoon::session::client::Pty) -> (Vec<u8>, i32)
         }
     }
 }
+
+/// An 80x24 `attach_pty` running `command` (the login shell for `None`).
+pub fn attach_request(command: Option<&str>) -> cocoon_signaling::protocol::service::AttachPty {
+    cocoon_signaling::protocol::service::AttachPty {
+        request_id: None,
+        command: command.map(str::to_owned),
+        cols: 80,
+        rows: 24,
+        env: None,
+        cwd: None,
+        flow_control: false,
+        stream: None,
+    }
+}
+
+/// An `execute` of `command` with every option at its default.
+pub fn execute_request(command: &str) -> cocoon_signaling::protocol::service::Execute {
+    cocoon_signaling::protocol::service::Execute {
+        request_id: None,
+        command: command.into(),
+        input: None,
+        timeout_secs: None,
+        env: None,
+        cwd: None,
+    }
+}
