@@ -17,7 +17,7 @@ use cocoon_signaling::protocol::{DeviceId, Secret};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, interval};
 
-use super::stream::{InStream, MessageReader, OutStream, frame_message};
+use super::stream::{ControlStream, InStream, OutStream};
 use crate::client::Client;
 use crate::link::rtc::{Path, RtcConfig, RtcEvent, RtcSide};
 use crate::link::ws::{Incoming, WsLink};
@@ -126,13 +126,10 @@ impl Session {
         let driver = Driver {
             link: client.into_link(),
             device: device.to_string(),
-            control_out: OutStream::new(CONTROL_STREAM, STREAM_BUFFER),
-            control_in: InStream::default(),
-            reader: MessageReader::default(),
+            control: ControlStream::new(STREAM_BUFFER),
             pending: HashMap::new(),
             terminals: HashMap::new(),
             pings: HashMap::new(),
-            last_progress: Instant::now(),
             rtc_config: rtc,
             rtc: RtcSide::default(),
             rtc_deadline: None,
@@ -372,7 +369,6 @@ struct Terminal {
     snapshot: Option<Bytes>,
     fin: Option<u64>,
     exit: Option<i32>,
-    last_progress: Instant,
 }
 
 impl Terminal {
@@ -391,7 +387,6 @@ impl Terminal {
             snapshot: None,
             fin: None,
             exit: None,
-            last_progress: Instant::now(),
         }
     }
 }
@@ -399,13 +394,10 @@ impl Terminal {
 struct Driver {
     link: WsLink,
     device: String,
-    control_out: OutStream,
-    control_in: InStream,
-    reader: MessageReader,
+    control: ControlStream,
     pending: HashMap<String, oneshot::Sender<Response>>,
     terminals: HashMap<u32, Terminal>,
     pings: HashMap<u64, (Instant, oneshot::Sender<Duration>)>,
-    last_progress: Instant,
     rtc_config: Option<RtcConfig>,
     rtc: RtcSide,
     rtc_deadline: Option<Instant>,
@@ -506,11 +498,9 @@ impl Driver {
             // A path that worked and died: offer a fresh one soon.
             self.reoffer_at = Some(Instant::now() + REOFFER_AFTER);
         }
-        self.control_out.rewind();
-        self.last_progress = Instant::now();
+        self.control.rewind();
         for terminal in self.terminals.values_mut() {
             terminal.input.rewind();
-            terminal.last_progress = Instant::now();
             // Acks sent on the old link may be lost: send them again.
             terminal.acked = 0;
         }
@@ -532,7 +522,7 @@ impl Driver {
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
-        while let Some(frame) = self.control_out.next_frame() {
+        while let Some(frame) = self.control.next_frame() {
             self.send(frame).await?;
         }
         let mut frames = Vec::new();
@@ -548,15 +538,11 @@ impl Driver {
     }
 
     fn queue_request(&mut self, request: &Request) -> anyhow::Result<()> {
-        let message = frame_message(&serde_json::to_vec(request).expect("requests serialize"));
+        let message = serde_json::to_vec(request).expect("requests serialize");
         anyhow::ensure!(
-            message.len() <= self.control_out.room(),
+            self.control.queue(&message),
             "the control stream is backed up"
         );
-        if !self.control_out.in_flight() {
-            self.last_progress = Instant::now();
-        }
-        self.control_out.push(&message);
         Ok(())
     }
 
@@ -627,9 +613,6 @@ impl Driver {
                         bytes.len() <= terminal.input.room(),
                         "terminal input is backed up"
                     );
-                    if !terminal.input.in_flight() {
-                        terminal.last_progress = Instant::now();
-                    }
                     terminal.input.push(&bytes);
                 }
             }
@@ -664,11 +647,9 @@ impl Driver {
                 offset,
                 bytes,
             } => {
-                if let Some(fresh) = self.control_in.accept(offset, bytes) {
-                    self.reader.push(&fresh);
-                    self.read_responses().await?;
-                }
-                self.send(self.control_in.ack(CONTROL_STREAM)).await?;
+                let (ack, messages) = self.control.receive(offset, bytes);
+                self.read_responses(messages).await;
+                self.send(ack).await?;
             }
             Frame::Data {
                 stream,
@@ -691,15 +672,11 @@ impl Driver {
                 stream: CONTROL_STREAM,
                 offset,
             } => {
-                if self.control_out.ack(offset) {
-                    self.last_progress = Instant::now();
-                }
+                self.control.acked(offset);
             }
             Frame::Ack { stream, offset } => {
                 if let Some(terminal) = self.terminals.get_mut(&stream) {
-                    if terminal.input.ack(offset) {
-                        terminal.last_progress = Instant::now();
-                    }
+                    terminal.input.ack(offset);
                 }
             }
             Frame::Skip { stream, offset } => {
@@ -723,12 +700,8 @@ impl Driver {
         Ok(())
     }
 
-    async fn read_responses(&mut self) -> anyhow::Result<()> {
-        while let Some(message) = self
-            .reader
-            .next_message()
-            .map_err(|len| anyhow::anyhow!("control message of {len} bytes is too large"))?
-        {
+    async fn read_responses(&mut self, messages: Vec<Bytes>) {
+        for message in messages {
             let response: Response = match serde_json::from_slice(&message) {
                 Ok(response) => response,
                 Err(err) => {
@@ -746,7 +719,6 @@ impl Driver {
                 response => self.on_response(response),
             }
         }
-        Ok(())
     }
 
     fn on_response(&mut self, response: Response) {
@@ -899,15 +871,9 @@ impl Driver {
                 );
             }
         }
-        if self.control_out.in_flight() && now - self.last_progress >= RETRANSMIT_AFTER {
-            self.control_out.rewind();
-            self.last_progress = now;
-        }
+        self.control.resend_if_stalled(RETRANSMIT_AFTER);
         for terminal in self.terminals.values_mut() {
-            if terminal.input.in_flight() && now - terminal.last_progress >= RETRANSMIT_AFTER {
-                terminal.input.rewind();
-                terminal.last_progress = now;
-            }
+            terminal.input.resend_if_stalled(RETRANSMIT_AFTER);
         }
         let streams: Vec<u32> = self.terminals.keys().copied().collect();
         for stream in streams {

@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, interval};
 
-use super::stream::{InStream, MessageReader, OutStream, frame_message};
+use super::stream::{ControlStream, InStream};
 use crate::link::rtc::{RtcConfig, RtcEvent, RtcSide};
 use crate::services::pty::Control;
 use crate::services::{Outgoing, ReplyTo, ServiceError, Services};
@@ -60,11 +60,8 @@ impl PeerHandle {
             client,
             services,
             relay,
-            control_out: OutStream::new(CONTROL_STREAM, CONTROL_BUFFER),
-            control_in: InStream::default(),
-            reader: MessageReader::default(),
+            control: ControlStream::new(CONTROL_BUFFER),
             terminals: HashMap::new(),
-            last_progress: Instant::now(),
             strict_until: rtc
                 .as_ref()
                 .filter(|config| config.strict)
@@ -98,11 +95,8 @@ struct Peer {
     services: Arc<Services>,
     relay: mpsc::Sender<Outgoing>,
     reply_to: ReplyTo,
-    control_out: OutStream,
-    control_in: InStream,
-    reader: MessageReader,
+    control: ControlStream,
     terminals: HashMap<u32, Terminal>,
-    last_progress: Instant,
     rtc_config: Option<Arc<RtcConfig>>,
     rtc: RtcSide,
     /// Strict mode: until when requests wait for the data channel.
@@ -162,8 +156,7 @@ impl Peer {
         if !up {
             self.rtc.fall_back();
         }
-        self.control_out.rewind();
-        self.last_progress = Instant::now();
+        self.control.rewind();
         for terminal in self.terminals.values_mut() {
             terminal.sent = terminal.acked;
             terminal.last_progress = Instant::now();
@@ -213,21 +206,17 @@ impl Peer {
 
     /// Queues a response on the control stream and sends it.
     async fn reply(&mut self, response: Response) -> Result<(), ()> {
-        let message = frame_message(&serde_json::to_vec(&response).expect("responses serialize"));
-        if message.len() > self.control_out.room() {
+        let message = serde_json::to_vec(&response).expect("responses serialize");
+        if !self.control.queue(&message) {
             tracing::warn!(client_id = %self.client, "control stream backlog full; response dropped");
             return Ok(());
         }
-        if !self.control_out.in_flight() {
-            self.last_progress = Instant::now();
-        }
-        self.control_out.push(&message);
         self.flush_control().await
     }
 
     async fn flush_control(&mut self) -> Result<(), ()> {
         // Frames are taken one by one: `send` may switch links midway.
-        while let Some(frame) = self.control_out.next_frame() {
+        while let Some(frame) = self.control.next_frame() {
             self.send(frame).await?;
         }
         Ok(())
@@ -247,13 +236,13 @@ impl Peer {
                 offset,
                 bytes,
             } => {
-                if let Some(fresh) = self.control_in.accept(offset, bytes) {
-                    self.reader.push(&fresh);
-                    for request in self.read_requests() {
+                let (ack, messages) = self.control.receive(offset, bytes);
+                for message in messages {
+                    if let Some(request) = self.decode_request(&message) {
                         self.on_request(request).await?;
                     }
                 }
-                self.send(self.control_in.ack(CONTROL_STREAM)).await?;
+                self.send(ack).await?;
             }
             Frame::Data {
                 stream,
@@ -284,9 +273,7 @@ impl Peer {
                 stream: CONTROL_STREAM,
                 offset,
             } => {
-                if self.control_out.ack(offset) {
-                    self.last_progress = Instant::now();
-                }
+                self.control.acked(offset);
             }
             Frame::Ack { stream, offset } => {
                 if let Some(terminal) = self.terminals.get_mut(&stream) {
@@ -306,34 +293,23 @@ impl Peer {
         Ok(())
     }
 
-    /// Every complete control message, decoded; undecodable ones are
-    /// answered with an error here.
-    fn read_requests(&mut self) -> Vec<Request> {
-        let mut requests = Vec::new();
-        loop {
-            match self.reader.next_message() {
-                Ok(Some(message)) => {
-                    let decoded = serde_json::from_slice::<Value>(&message)
-                        .map_err(|err| {
-                            (
-                                ServiceErrorCode::InvalidJson,
-                                format!("control message is not JSON: {err}"),
-                            )
-                        })
-                        .and_then(Request::decode);
-                    match decoded {
-                        Ok(request) => requests.push(request),
-                        Err((code, message)) => self
-                            .reply_to
-                            .try_send(ServiceError::new(code, message).into_response(None, None)),
-                    }
-                }
-                Ok(None) => return requests,
-                Err(len) => {
-                    tracing::warn!(client_id = %self.client, len, "control message too large; resetting the stream");
-                    self.reader = MessageReader::default();
-                    return requests;
-                }
+    /// Decodes a control message; an undecodable one is answered with an
+    /// error here.
+    fn decode_request(&self, message: &[u8]) -> Option<Request> {
+        let decoded = serde_json::from_slice::<Value>(message)
+            .map_err(|err| {
+                (
+                    ServiceErrorCode::InvalidJson,
+                    format!("control message is not JSON: {err}"),
+                )
+            })
+            .and_then(Request::decode);
+        match decoded {
+            Ok(request) => Some(request),
+            Err((code, message)) => {
+                self.reply_to
+                    .try_send(ServiceError::new(code, message).into_response(None, None));
+                None
             }
         }
     }
@@ -403,17 +379,7 @@ impl Peer {
         match outgoing {
             Outgoing::Response { response, .. } => {
                 self.track(&response);
-                let message =
-                    frame_message(&serde_json::to_vec(&response).expect("responses serialize"));
-                if message.len() > self.control_out.room() {
-                    tracing::warn!(client_id = %self.client, "control stream backlog full; response dropped");
-                    return Ok(());
-                }
-                if !self.control_out.in_flight() {
-                    self.last_progress = Instant::now();
-                }
-                self.control_out.push(&message);
-                self.flush_control().await
+                self.reply(response).await
             }
             Outgoing::Stream {
                 stream,
@@ -502,9 +468,7 @@ impl Peer {
         if !self.held.is_empty() && !self.holding() {
             self.release_held();
         }
-        if self.control_out.in_flight() && now - self.last_progress >= RETRANSMIT_AFTER {
-            self.control_out.rewind();
-            self.last_progress = now;
+        if self.control.resend_if_stalled(RETRANSMIT_AFTER) {
             self.flush_control().await?;
         }
         for terminal in self.terminals.values_mut() {

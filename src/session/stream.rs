@@ -2,9 +2,11 @@
 //! until it is acknowledged, and how a receiver takes each byte exactly once.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use cocoon_signaling::protocol::frame::{Frame, MAX_DATA};
+use cocoon_signaling::protocol::frame::{CONTROL_STREAM, Frame, MAX_DATA};
+use tokio::time::Instant;
 
 /// An outgoing stream whose bytes are kept until acknowledged, so they can
 /// be sent again on another link.
@@ -16,6 +18,8 @@ pub struct OutStream {
     acked: u64,
     sent: u64,
     capacity: usize,
+    /// When acknowledgements last made progress (or sending started).
+    last_progress: Instant,
 }
 
 impl OutStream {
@@ -27,6 +31,7 @@ impl OutStream {
             acked: 0,
             sent: 0,
             capacity,
+            last_progress: Instant::now(),
         }
     }
 
@@ -37,6 +42,9 @@ impl OutStream {
 
     /// Queues bytes; the caller checks [`OutStream::room`] first.
     pub fn push(&mut self, bytes: &[u8]) {
+        if !self.in_flight() {
+            self.last_progress = Instant::now();
+        }
         self.buf.extend(bytes);
     }
 
@@ -66,6 +74,7 @@ impl OutStream {
         }
         self.buf.drain(..(offset - self.acked) as usize);
         self.acked = offset;
+        self.last_progress = Instant::now();
         true
     }
 
@@ -73,6 +82,17 @@ impl OutStream {
     /// retransmission timeout).
     pub fn rewind(&mut self) {
         self.sent = self.acked;
+        self.last_progress = Instant::now();
+    }
+
+    /// Rewinds when bytes are in flight and no acknowledgement has come for
+    /// `after`; returns whether it did.
+    pub fn resend_if_stalled(&mut self, after: Duration) -> bool {
+        let stalled = self.in_flight() && self.last_progress.elapsed() >= after;
+        if stalled {
+            self.rewind();
+        }
+        stalled
     }
 
     /// Whether sent bytes await acknowledgement.
@@ -165,6 +185,78 @@ impl MessageReader {
         }
         let mut message = self.buf.split_to(4 + len);
         Ok(Some(message.split_off(4).freeze()))
+    }
+}
+
+/// One side of a session's control stream: messages out, kept until
+/// acknowledged, and messages in, each byte taken once.
+#[derive(Debug)]
+pub struct ControlStream {
+    out: OutStream,
+    input: InStream,
+    reader: MessageReader,
+}
+
+impl ControlStream {
+    /// A control stream keeping at most `capacity` unacknowledged bytes.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            out: OutStream::new(CONTROL_STREAM, capacity),
+            input: InStream::default(),
+            reader: MessageReader::default(),
+        }
+    }
+
+    /// Queues one message; `false` when the backlog has no room for it.
+    pub fn queue(&mut self, message: &[u8]) -> bool {
+        let framed = frame_message(message);
+        let fits = framed.len() <= self.out.room();
+        if fits {
+            self.out.push(&framed);
+        }
+        fits
+    }
+
+    /// Takes a DATA frame of the control stream: the ACK to send back, and
+    /// the messages it completed. A message over [`MAX_MESSAGE`] cannot be
+    /// read: the stream's reader starts over (the peer is broken anyway).
+    pub fn receive(&mut self, offset: u64, bytes: Bytes) -> (Frame, Vec<Bytes>) {
+        let mut messages = Vec::new();
+        if let Some(fresh) = self.input.accept(offset, bytes) {
+            self.reader.push(&fresh);
+            loop {
+                match self.reader.next_message() {
+                    Ok(Some(message)) => messages.push(message),
+                    Ok(None) => break,
+                    Err(len) => {
+                        tracing::warn!(len, "control message too large; the stream starts over");
+                        self.reader = MessageReader::default();
+                        break;
+                    }
+                }
+            }
+        }
+        (self.input.ack(CONTROL_STREAM), messages)
+    }
+
+    /// The peer acknowledged everything below `offset`.
+    pub fn acked(&mut self, offset: u64) {
+        self.out.ack(offset);
+    }
+
+    /// The next frame to send, if any.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        self.out.next_frame()
+    }
+
+    /// Sends everything unacknowledged again (the link changed).
+    pub fn rewind(&mut self) {
+        self.out.rewind();
+    }
+
+    /// See [`OutStream::resend_if_stalled`].
+    pub fn resend_if_stalled(&mut self, after: Duration) -> bool {
+        self.out.resend_if_stalled(after)
     }
 }
 
