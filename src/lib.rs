@@ -7,11 +7,19 @@
 //!
 //! - [`config`]: flags > environment > defaults.
 //! - [`identity`]: the worker's secret and device id on disk.
-//! - [`link`]: how bytes travel: the signaling WebSocket (data channels later).
-//! - [`worker`]: registration, reconnection, dispatch to [`services`].
-//! - [`client`]: the client side of the protocol.
+//! - [`link`]: how frames travel: the signaling WebSocket (and its relay),
+//!   WebRTC data channels.
+//! - [`session`]: streams with offsets and acks over whichever link is live;
+//!   the worker's side ([`session::peer`]) and the client's
+//!   ([`session::client`]).
+//! - [`services`]: execute, PTY sessions, HTTP proxy, local queries.
+//! - [`worker`]: registration, reconnection, dispatch to the services.
+//! - [`client`]: authenticating and talking to the signaling server.
 //! - [`up`]: server and worker in one process for local use.
 //! - [`cli`]: the `cocoon` command line.
+//!
+//! Each floor uses only the floors below it: services know nothing of
+//! links, links nothing of services; the session layer joins them.
 //!
 //! The wire protocol lives in [`cocoon_signaling::protocol`], shared with the
 //! signaling server.
