@@ -27,7 +27,7 @@ pub struct WorkerArgs {
         default_value = "ws://localhost:8080/ws"
     )]
     pub url: String,
-    /// Secret for a persistent device id (else <data-dir>/.secret). Prefer the
+    /// Secret for a persistent device id (else DATA_DIR/.secret). Prefer the
     /// environment variable: flags show in process lists.
     #[arg(long, env = "COCOON_SECRET", hide_env_values = true, value_parser = parse_secret)]
     pub secret: Option<Secret>,
@@ -167,7 +167,7 @@ pub struct LimitArgs {
     #[arg(long, env = "COCOON_PROXY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub proxy_timeout: Duration,
     /// Directory of text files searched by SearchKnowledgebase queries
-    /// (default: <data-dir>/knowledge).
+    /// (default: DATA_DIR/knowledge).
     #[arg(long, env = "COCOON_KNOWLEDGE_DIR")]
     pub knowledge_dir: Option<PathBuf>,
     /// Custom query handlers as a JSON object {"name": "shell command"}; the

@@ -426,7 +426,7 @@ impl ChannelSender {
     }
 
     /// Sends one message. Backpressure: waits while over the high water
-    /// mark, but not longer than [`STALL`]: a channel that does not drain
+    /// mark, but not longer than 2 s: a channel that does not drain
     /// has lost its path, and the caller moves to the relay.
     pub async fn send(&self, message: &Bytes) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + STALL;

@@ -1,6 +1,6 @@
 //! PTY sessions: start programs on pseudo-terminals and route keystrokes,
 //! resizes and closes to them. Each session is its own task
-//! ([`session::Session`]); the manager only keeps their control queues.
+//! (`session::Session`); the manager only keeps their control queues.
 
 mod session;
 mod sys;
