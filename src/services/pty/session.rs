@@ -218,11 +218,11 @@ impl Session {
                         self.hang_up();
                     }
                 },
-                permit = reserve(out.as_ref()), if can_send => {
-                    if let Ok(permit) = permit {
-                        self.send_output(permit);
-                    }
-                }
+                permit = reserve(out.as_ref()), if can_send => match permit {
+                    Ok(permit) => self.send_output(permit),
+                    // The viewer's queue is gone (its peer ended): detached.
+                    Err(_) => self.detach(),
+                },
                 status = self.child.wait(), if self.exit_code.is_none() => {
                     self.exited(status.map_or(-1, exit_code));
                 }
@@ -427,14 +427,8 @@ impl Session {
             }
             Control::Close => self.hang_up(),
             Control::ClientLeft(client) => {
-                if self
-                    .viewer
-                    .to
-                    .as_ref()
-                    .is_some_and(|to| to.client == client)
-                {
-                    self.viewer.to = None;
-                    self.deadlines.detach = Some(Instant::now() + self.config.detach_timeout);
+                if self.is_viewer(&client) {
+                    self.detach();
                 }
             }
             Control::Rewind(client) if self.is_viewer(&client) => {
@@ -448,6 +442,13 @@ impl Session {
                 request_id,
             } => self.attach(to, stream, offset, request_id),
         }
+    }
+
+    /// Nobody watches any more; the session lives on until the detach
+    /// timeout.
+    fn detach(&mut self) {
+        self.viewer.to = None;
+        self.deadlines.detach = Some(Instant::now() + self.config.detach_timeout);
     }
 
     fn is_viewer(&self, client: &ClientId) -> bool {
