@@ -1,0 +1,100 @@
+//! The `cocoon` command line: the all-in-one `up` (the README's main
+//! command) and the client commands.
+
+mod common;
+
+use std::process::Stdio;
+
+use cocoon_signaling::auth::TokenKind;
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_runs_a_server_and_a_registered_worker_and_prints_a_working_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(["up", "--port", "0", "--data-dir"])
+        .arg(dir.path())
+        .env("WEBRTC_ICE_SERVERS", "")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut url = None;
+    let mut token = None;
+    let mut registered = false;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !(registered && url.is_some() && token.is_some()) {
+        let line = tokio::time::timeout_at(deadline, lines.next_line())
+            .await
+            .expect("up prints its lines in time")
+            .unwrap()
+            .expect("up keeps running");
+        if let Some(rest) = line.split("--url ").nth(1) {
+            url = rest.split_whitespace().next().map(str::to_owned);
+        } else if line.trim().starts_with("eyJ") {
+            token = Some(line.trim().to_owned());
+        } else if line.contains("✅ Registration confirmed") {
+            registered = true;
+        }
+    }
+    let url = url.unwrap();
+    assert!(url.starts_with("ws://127.0.0.1:"), "loopback only: {url}");
+
+    // The printed command works.
+    let devices = Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(["devices", "--url", &url])
+        .env("COCOON_ACCESS_TOKEN", token.unwrap())
+        .output()
+        .await
+        .unwrap();
+    let listing = String::from_utf8_lossy(&devices.stdout);
+    assert!(devices.status.success(), "{listing}");
+    assert!(listing.contains("online"), "{listing}");
+}
+
+#[tokio::test]
+async fn devices_lists_only_the_callers_devices() {
+    let rig = Rig::start(&[("COCOON_NAME", "build-box")]).await;
+    let list = |owner: &'static str| {
+        let token = rig.server.token(TokenKind::Access, owner);
+        let url = rig.server.url();
+        async move {
+            Command::new(env!("CARGO_BIN_EXE_cocoon"))
+                .args(["devices", "--url", &url])
+                .env("COCOON_ACCESS_TOKEN", token.expose())
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let alice = list("alice").await;
+    let text = String::from_utf8_lossy(&alice.stdout);
+    assert!(
+        text.contains(rig.device_id.as_str())
+            && text.contains("build-box")
+            && text.contains("online"),
+        "{text}"
+    );
+    let bob = list("bob").await;
+    assert_eq!(
+        String::from_utf8_lossy(&bob.stdout).trim(),
+        "no devices for bob"
+    );
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .args(["devices", "--url", &rig.server.url()])
+        .env("COCOON_ACCESS_TOKEN", "not-a-token")
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("invalid_token")
+            || String::from_utf8_lossy(&bad.stderr).contains("InvalidToken")
+    );
+}
