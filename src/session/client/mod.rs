@@ -1,0 +1,332 @@
+//! The client's side of a session with one device: requests and replies on
+//! the control stream, terminals on streams of their own, every byte
+//! acknowledged and resent when it stalls.
+//!
+//! [`Session`] is a handle; a driver task owns the link and the streams.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use cocoon_signaling::protocol::service::{AttachPty, Request, Response, SessionId};
+use cocoon_signaling::protocol::{DeviceId, Secret};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::client::Client;
+use crate::link::rtc::{Path, RtcConfig};
+use driver::Driver;
+
+mod driver;
+
+/// Output chunks queued for a terminal's reader.
+const EVENT_QUEUE: usize = 256;
+/// How long a request may wait for its reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a terminal produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyEvent {
+    /// Output bytes, in order, each exactly once.
+    Output(Bytes),
+    /// This many bytes of output were dropped because the client stopped
+    /// acknowledging for too long; output continues after the gap.
+    Skipped(u64),
+    /// The program ended with this code; no output follows.
+    Exited(i32),
+    /// After a resume that missed more than the worker keeps: reset the
+    /// terminal and write `screen` to redraw it; output continues at `offset`.
+    Snapshot {
+        /// Escape sequences that redraw the screen.
+        screen: Bytes,
+        /// Where the output continues.
+        offset: u64,
+    },
+}
+
+enum Command {
+    Request {
+        request: Request,
+        id: String,
+        reply: oneshot::Sender<Response>,
+    },
+    Attach {
+        request: AttachPty,
+        id: String,
+        reply: oneshot::Sender<Response>,
+        events: mpsc::Sender<PtyEvent>,
+    },
+    Resume {
+        request: Request,
+        id: String,
+        stream: u32,
+        offset: u64,
+        reply: oneshot::Sender<Response>,
+        events: mpsc::Sender<PtyEvent>,
+    },
+    Input {
+        stream: u32,
+        bytes: Vec<u8>,
+    },
+    Send(Request),
+    Ping(oneshot::Sender<Duration>),
+    Path(oneshot::Sender<PathStatus>),
+}
+
+/// Which path a session's frames take, and how it got there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathStatus {
+    /// The path now.
+    pub path: Path,
+    /// The ICE timeout passed without a direct path: the session stays on
+    /// the relay.
+    pub settled_on_relay: bool,
+    /// The selected candidate pair's types (local, remote), once connected.
+    pub candidates: Option<(String, String)>,
+}
+
+/// A session with one device.
+pub struct Session {
+    commands: mpsc::Sender<Command>,
+    next_id: AtomicU64,
+    next_stream: AtomicU32,
+}
+
+impl Session {
+    /// Authenticates with `token` and opens a relay-only session with `device`.
+    pub async fn connect(
+        url: &str,
+        token: &Secret,
+        tls: Arc<rustls::ClientConfig>,
+        device: &DeviceId,
+    ) -> anyhow::Result<Self> {
+        Self::connect_with(url, token, tls, device, None).await
+    }
+
+    /// Like [`Session::connect`]; with `rtc`, traffic starts on the relay
+    /// and moves to a WebRTC data channel as soon as one opens.
+    pub async fn connect_with(
+        url: &str,
+        token: &Secret,
+        tls: Arc<rustls::ClientConfig>,
+        device: &DeviceId,
+        rtc: Option<RtcConfig>,
+    ) -> anyhow::Result<Self> {
+        let client = Client::connect(url, token, tls).await?;
+        let (commands, queue) = mpsc::channel(256);
+        let driver = Driver::new(client.into_link(), device.to_string(), rtc);
+        tokio::spawn(driver.run(queue));
+        Ok(Self {
+            commands,
+            next_id: AtomicU64::new(1),
+            next_stream: AtomicU32::new(1),
+        })
+    }
+
+    fn next_id(&self) -> String {
+        format!("s{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Sends a request that has one reply (execute, proxy, query) and waits
+    /// for it. Ids are filled in when missing.
+    pub async fn request(&self, mut request: Request) -> anyhow::Result<Response> {
+        let id = match &mut request {
+            Request::Execute(execute) => execute
+                .request_id
+                .get_or_insert_with(|| self.next_id())
+                .clone(),
+            Request::ProxyHttp(proxy) => proxy.request_id.clone(),
+            Request::QueryLocal(query) => query.query_id.clone(),
+            _ => bail!("this request has no reply; use the terminal's methods"),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Request { request, id, reply })
+            .await
+            .context("the session has ended")?;
+        wait(answer).await
+    }
+
+    /// Starts a terminal whose bytes travel on a stream of their own.
+    pub async fn attach_pty(&self, mut request: AttachPty) -> anyhow::Result<Pty> {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let id = request
+            .request_id
+            .get_or_insert_with(|| self.next_id())
+            .clone();
+        request.stream = Some(stream);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Attach {
+                request,
+                id,
+                reply,
+                events: events_tx,
+            })
+            .await
+            .context("the session has ended")?;
+        match wait(answer).await? {
+            Response::PtyCreated { session_id, .. } => Ok(Pty {
+                session_id,
+                stream,
+                commands: self.commands.clone(),
+                events,
+                offset: 0,
+            }),
+            Response::Error { code, message, .. } => {
+                bail!("attach_pty failed ({code:?}): {message}")
+            }
+            other => bail!("unexpected reply to attach_pty: {other:?}"),
+        }
+    }
+
+    /// Takes over a running terminal (after a reconnect, from another
+    /// client) having its output up to `offset`: the rest is replayed, or a
+    /// [`PtyEvent::Snapshot`] comes first when the worker no longer has it.
+    pub async fn resume_pty(&self, session_id: &SessionId, offset: u64) -> anyhow::Result<Pty> {
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id();
+        let request = Request::PtyResume {
+            session_id: session_id.clone(),
+            offset,
+            request_id: Some(id.clone()),
+            stream: Some(stream),
+        };
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Resume {
+                request,
+                id,
+                stream,
+                offset,
+                reply,
+                events: events_tx,
+            })
+            .await
+            .context("the session has ended")?;
+        match wait(answer).await? {
+            Response::PtyResumed { session_id, .. } => Ok(Pty {
+                session_id,
+                stream,
+                commands: self.commands.clone(),
+                events,
+                offset,
+            }),
+            Response::Error { code, message, .. } => {
+                bail!("pty_resume failed ({code:?}): {message}")
+            }
+            other => bail!("unexpected reply to pty_resume: {other:?}"),
+        }
+    }
+
+    /// The path the session's frames take now.
+    pub async fn path(&self) -> anyhow::Result<PathStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Path(reply))
+            .await
+            .context("the session has ended")?;
+        wait(answer).await
+    }
+
+    /// Waits until the session's frames take `path` (or the deadline).
+    pub async fn wait_for_path(&self, path: Path, within: Duration) -> anyhow::Result<PathStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.path().await?;
+            if status.path == path {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "still on {:?} after {within:?}",
+                status.path
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Round-trip time of a PING through the current link.
+    pub async fn ping(&self) -> anyhow::Result<Duration> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Ping(reply))
+            .await
+            .context("the session has ended")?;
+        wait(answer).await
+    }
+}
+
+async fn wait<T>(answer: oneshot::Receiver<T>) -> anyhow::Result<T> {
+    tokio::time::timeout(REPLY_TIMEOUT, answer)
+        .await
+        .context("no reply in time")?
+        .context("the session has ended")
+}
+
+/// A terminal on the device.
+pub struct Pty {
+    /// The worker's id for it.
+    pub session_id: SessionId,
+    stream: u32,
+    commands: mpsc::Sender<Command>,
+    events: mpsc::Receiver<PtyEvent>,
+    offset: u64,
+}
+
+impl Pty {
+    /// Offset just past the output taken so far (what to resume from).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Types bytes.
+    pub async fn write(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.command(Command::Input {
+            stream: self.stream,
+            bytes: bytes.to_vec(),
+        })
+        .await
+    }
+
+    /// Changes the terminal size.
+    pub async fn resize(&self, cols: u16, rows: u16) -> anyhow::Result<()> {
+        self.command(Command::Send(Request::PtyResize {
+            session_id: self.session_id.clone(),
+            cols,
+            rows,
+        }))
+        .await
+    }
+
+    /// Ends the program; [`PtyEvent::Exited`] follows.
+    pub async fn close(&self) -> anyhow::Result<()> {
+        self.command(Command::Send(Request::PtyClose {
+            session_id: self.session_id.clone(),
+        }))
+        .await
+    }
+
+    /// The next output or the exit; `None` once the session is gone.
+    pub async fn next(&mut self) -> Option<PtyEvent> {
+        let event = self.events.recv().await?;
+        match &event {
+            PtyEvent::Output(bytes) => self.offset += bytes.len() as u64,
+            PtyEvent::Skipped(n) => self.offset += n,
+            PtyEvent::Snapshot { offset, .. } => self.offset = *offset,
+            PtyEvent::Exited(_) => {}
+        }
+        Some(event)
+    }
+
+    async fn command(&self, command: Command) -> anyhow::Result<()> {
+        self.commands
+            .send(command)
+            .await
+            .context("the session has ended")
+    }
+}
