@@ -200,3 +200,38 @@ async fn keepalive_holds_a_reading_peer_and_drops_a_dead_one() {
     .await;
     assert!(closed.is_ok(), "the server must close a silent connection");
 }
+
+#[tokio::test]
+async fn guessing_tokens_or_secrets_gets_an_address_rate_limited() {
+    use cocoon_signaling::limit::MAX_FAILURES;
+    use cocoon_signaling::protocol::Secret;
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let mut peer = RawPeer::connect(&server.url()).await;
+    for n in 0..MAX_FAILURES {
+        peer.send(&ToServer::Authenticate {
+            access_token: Secret::new(format!("guess-{n}")),
+        })
+        .await;
+        peer.expect_error(ErrorCode::InvalidToken).await;
+    }
+    // Even a valid token is refused now, and the connection closed.
+    peer.send(&ToServer::Authenticate {
+        access_token: server.token(TokenKind::Access, "alice"),
+    })
+    .await;
+    peer.expect_error(ErrorCode::RateLimited).await;
+    peer.expect_closed().await;
+
+    let mut worker = RawPeer::connect(&server.url()).await;
+    worker
+        .send(&ToServer::Register {
+            secret: cocoon_signaling::identity::generate_secret(),
+            device_id: None,
+            setup_token: None,
+            name: None,
+        })
+        .await;
+    worker.expect_error(ErrorCode::RateLimited).await;
+}

@@ -1,6 +1,7 @@
 //! One WebSocket connection: a reader loop that owns the connection's state
 //! (pending → worker or client) and a writer task that drains its outbox.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +49,7 @@ enum Role {
 pub async fn serve(
     hub: Arc<Hub>,
     socket: WebSocket,
+    peer: IpAddr,
     timeouts: Timeouts,
     shutdown: CancellationToken,
 ) {
@@ -106,7 +108,19 @@ pub async fn serve(
             }
         };
         let handled = match &mut role {
-            Role::Pending => handshake(&hub, &outbox, message, &mut role).await,
+            Role::Pending => match hub.check_attempts(peer) {
+                Ok(()) => {
+                    let result = handshake(&hub, &outbox, message, &mut role).await;
+                    if result
+                        .as_ref()
+                        .is_err_and(|reject| reject.code.is_credential_failure())
+                    {
+                        hub.record_failure(peer);
+                    }
+                    result
+                }
+                Err(reject) => Err(reject),
+            },
             Role::Worker(device) => from_worker(device, message),
             Role::Client(client) => from_client(client, &outbox, message).await,
         };
@@ -314,9 +328,9 @@ pub async fn serve_logged(
     socket: WebSocket,
     timeouts: Timeouts,
     shutdown: CancellationToken,
-    peer: String,
+    peer: SocketAddr,
 ) {
-    serve(hub, socket, timeouts, shutdown)
+    serve(hub, socket, peer.ip(), timeouts, shutdown)
         .instrument(tracing::info_span!("ws", %peer))
         .await
 }

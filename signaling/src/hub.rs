@@ -7,6 +7,7 @@
 //! reader cannot stall anyone else's connection.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::{TokenError, TokenKey, TokenKind};
 use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
+use crate::limit::FailureLimiter;
 use crate::protocol::{
     ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, UserId, encode_relay,
 };
@@ -110,6 +112,8 @@ pub struct Hub {
     tokens: TokenKey,
     /// In development mode, unclaimed devices are claimed by this owner.
     dev_owner: Option<UserId>,
+    /// Failed registrations and authentications per address.
+    failures: Mutex<FailureLimiter>,
 }
 
 /// A registered device's hold on its route. Dropping it takes the route down,
@@ -149,7 +153,25 @@ impl Hub {
             salt,
             tokens,
             dev_owner,
+            failures: Mutex::default(),
         }
+    }
+
+    /// Refuses an address that failed too often lately.
+    pub fn check_attempts(&self, ip: IpAddr) -> Result<(), Reject> {
+        if self.failures.lock().unwrap().allowed(ip) {
+            Ok(())
+        } else {
+            Err(Reject::new(
+                ErrorCode::RateLimited,
+                "too many failed attempts from this address; try again in a minute",
+            ))
+        }
+    }
+
+    /// Counts a failed registration or authentication of an address.
+    pub fn record_failure(&self, ip: IpAddr) {
+        self.failures.lock().unwrap().failed(ip);
     }
 
     /// The key that signs and verifies tokens.

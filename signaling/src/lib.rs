@@ -24,6 +24,7 @@ pub mod conn;
 pub mod files;
 pub mod hub;
 pub mod identity;
+pub mod limit;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -258,7 +258,7 @@ async fn ws_upgrade(
                 socket,
                 state.timeouts,
                 state.shutdown,
-                peer.to_string(),
+                peer,
             ))
         })
 }

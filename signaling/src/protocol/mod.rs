@@ -266,11 +266,27 @@ pub enum ErrorCode {
     Replaced,
     /// The first message did not arrive in time (fatal).
     HandshakeTimeout,
+    /// Too many failed registrations or authentications from this address;
+    /// try again in a minute (fatal).
+    RateLimited,
     /// The server failed; try again.
     Internal,
 }
 
 impl ErrorCode {
+    /// Whether this error means a wrong secret, device id or token (such
+    /// failures are counted per address; see [`ErrorCode::RateLimited`]).
+    pub fn is_credential_failure(self) -> bool {
+        matches!(
+            self,
+            Self::WeakSecret
+                | Self::DeviceIdMismatch
+                | Self::DeviceIdRequired
+                | Self::InvalidToken
+                | Self::TokenExpired
+        )
+    }
+
     /// Whether the server closes the connection after sending this error.
     pub fn is_fatal(self) -> bool {
         matches!(
@@ -280,6 +296,7 @@ impl ErrorCode {
                 | Self::DeviceIdRequired
                 | Self::Replaced
                 | Self::HandshakeTimeout
+                | Self::RateLimited
         )
     }
 }
