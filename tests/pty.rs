@@ -148,29 +148,11 @@ async fn resize_is_seen_by_the_program() {
     for (cols, rows) in [(0, 30), (100, 0), (5000, 30)] {
         rig.send_json(json!({"type": "pty_resize", "session_id": id, "cols": cols, "rows": rows}))
             .await;
-        let response = rig
-            .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
-            .await;
-        assert!(matches!(
-            response,
-            Response::Error {
-                code: ServiceErrorCode::InvalidRequest,
-                ..
-            }
-        ));
+        rig.expect_error(ServiceErrorCode::InvalidRequest).await;
     }
     rig.send_json(json!({"type": "attach_pty", "cols": 0, "rows": 24}))
         .await;
-    let response = rig
-        .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
-        .await;
-    assert!(matches!(
-        response,
-        Response::Error {
-            code: ServiceErrorCode::InvalidRequest,
-            ..
-        }
-    ));
+    rig.expect_error(ServiceErrorCode::InvalidRequest).await;
 }
 
 #[tokio::test]
@@ -211,16 +193,7 @@ async fn close_ends_a_busy_session_promptly_without_disturbing_others() {
         encoding: Encoding::Utf8,
     })
     .await;
-    let response = rig
-        .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
-        .await;
-    assert!(matches!(
-        response,
-        Response::Error {
-            code: ServiceErrorCode::UnknownSession,
-            ..
-        }
-    ));
+    rig.expect_error(ServiceErrorCode::UnknownSession).await;
 }
 
 #[tokio::test]

@@ -453,6 +453,21 @@ impl Rig {
         recv_response(&mut self.client).await
     }
 
+    /// Skips responses until an error, which must have `code`.
+    pub async fn expect_error(
+        &mut self,
+        code: cocoon_signaling::protocol::service::ServiceErrorCode,
+    ) {
+        use cocoon_signaling::protocol::service::Response;
+        let response = self
+            .recv_until(|r| matches!(r, Response::Error { .. }).then_some(r))
+            .await;
+        assert!(
+            matches!(&response, Response::Error { code: got, .. } if *got == code),
+            "expected a {code:?} error, got {response:?}"
+        );
+    }
+
     /// The first response `pick` accepts; others are skipped.
     pub async fn recv_until<T>(
         &mut self,
