@@ -69,7 +69,10 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     println!("🚀 Signaling server (development mode, loopback only): http://{addr}");
     println!("   Client access token (owner \"{LOCAL_OWNER}\", 30 days):");
     println!("   {token}");
-    println!("   List your devices: cocoon devices --url {url} --access-token <token>");
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "cocoon".into());
+    println!("   List your devices: {exe} devices --url {url} --access-token <token>");
     let worker_result = worker::run(worker_config, shutdown.clone()).await;
     shutdown.cancel();
     server_task.await??;
