@@ -32,16 +32,19 @@ fn interop_python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aiortc_client_attaches_a_terminal_over_a_data_channel() {
     let python = interop_python();
-    // The worker lives in a namespace: every candidate it gathers and every
-    // check it sends stays on the namespace's link.
+    // The aiortc client lives in a namespace (aiortc gathers candidates on
+    // every interface it sees); the worker gathers only on this side of the
+    // namespace's link. Every check either sends stays on that link.
     let ns = Netns::create();
-    let rig = Rig::start_in(&ns, &[]).await;
+    let rig = Rig::start_facing(&ns, &[]).await;
     let token = rig.server.token(TokenKind::Access, "alice");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/interop/aiortc_client.py"
     );
-    let run = tokio::process::Command::new(python)
+    let run = tokio::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(python)
         .arg(script)
         .arg(rig.server.url())
         .arg(token.expose())

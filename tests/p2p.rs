@@ -110,14 +110,7 @@ async fn the_first_prompt_does_not_wait_for_ice() {
     let status = session.path().await.unwrap();
     assert_eq!(status.path, Path::Relay);
     assert!(!status.settled_on_relay);
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while !session.path().await.unwrap().settled_on_relay {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never settled on the relay"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_settled(&session).await;
     let mut pty = session
         .attach_pty(attach_request(Some("echo still-here")))
         .await
@@ -227,14 +220,7 @@ async fn with_udp_blocked_the_relay_serves_from_the_first_keystroke() {
         }
     }
     assert_eq!(session.path().await.unwrap().path, Path::Relay);
-    let deadline = std::time::Instant::now() + DEADLINE;
-    while !session.path().await.unwrap().settled_on_relay {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never settled on the relay"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_settled(&session).await;
     pty.write(b"echo $((7*7))\n").await.unwrap();
     let mut after = Vec::new();
     while !String::from_utf8_lossy(&after).contains("49\r\n") {
@@ -325,4 +311,16 @@ async fn a_cut_direct_path_falls_back_and_comes_back() {
     ns.unblock_udp();
     session.wait_for_path(Path::Direct, DEADLINE).await.unwrap();
     run_in(&mut pty, "echo three-$((3))\n", "three-3\r\n").await;
+}
+
+/// Polls the session until it reports that it settled on the relay.
+async fn wait_settled(session: &cocoon::session::client::Session) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !session.path().await.unwrap().settled_on_relay {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never settled on the relay"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

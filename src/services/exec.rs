@@ -126,7 +126,7 @@ impl Executor {
         let mut fixed = vec![("COCOON_OUTPUT_DIR", out_dir_text.as_str())];
         fixed.extend_from_slice(fixed_env);
         let env = self.env.build(request.env.as_ref(), &fixed)?;
-        create_private_dir(&out_dir).map_err(|err| {
+        create_private_dir(&out_dir).await.map_err(|err| {
             ServiceError::new(
                 ServiceErrorCode::Internal,
                 format!("cannot create the output directory: {err}"),
@@ -281,12 +281,12 @@ async fn join_capped(reader: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u
     }
 }
 
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
+async fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    tokio::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
+        .await
 }
 
 async fn remove_dir(dir: &Path) {

@@ -67,7 +67,13 @@ impl OutputRing {
     pub fn read(&self, offset: u64, max: usize) -> (u64, Vec<u8>) {
         let from = offset.clamp(self.start, self.end());
         let skip = (from - self.start) as usize;
-        let bytes = self.buf.range(skip..).take(max).copied().collect();
+        let take = max.min(self.buf.len() - skip);
+        let (a, b) = self.buf.as_slices();
+        let mut bytes = Vec::with_capacity(take);
+        let in_a = a.len().saturating_sub(skip).min(take);
+        bytes.extend_from_slice(&a[skip.min(a.len())..skip.min(a.len()) + in_a]);
+        let b_start = skip.saturating_sub(a.len());
+        bytes.extend_from_slice(&b[b_start..b_start + (take - in_a)]);
         (from, bytes)
     }
 }
@@ -107,6 +113,27 @@ mod tests {
         ring.push(&[b'x'; 20]);
         assert_eq!((ring.start(), ring.end()), (22, 30));
         assert_eq!(ring.read(0, 100).1, vec![b'x'; 8]);
+    }
+
+    #[test]
+    fn reads_across_the_wrap_point() {
+        let mut ring = OutputRing::new(6);
+        ring.push(b"abcdef");
+        ring.push(b"gh"); // the deque wraps: "cdef" then "gh"
+        for offset in 2..=8 {
+            for max in 0..8 {
+                let expected: Vec<u8> = b"cdefgh"[(offset - 2) as usize..]
+                    .iter()
+                    .take(max)
+                    .copied()
+                    .collect();
+                assert_eq!(
+                    ring.read(offset, max),
+                    (offset, expected),
+                    "offset {offset} max {max}"
+                );
+            }
+        }
     }
 
     #[test]

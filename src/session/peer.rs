@@ -74,9 +74,12 @@ impl PeerHandle {
         Self { frames }
     }
 
-    /// Hands a frame to the peer without waiting; a full queue drops it.
-    pub fn deliver(&self, frame: Bytes) -> bool {
-        self.frames.try_send(frame).is_ok()
+    /// Hands a frame to the peer without waiting; a full queue drops it
+    /// (the client resends).
+    pub fn deliver(&self, frame: Bytes) {
+        if self.frames.try_send(frame).is_err() {
+            tracing::debug!("peer busy; frame dropped");
+        }
     }
 }
 

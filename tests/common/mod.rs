@@ -350,6 +350,7 @@ enum Place<'a> {
     Here,
     Nobody,
     Netns(&'a netns::Netns),
+    Facing(&'a netns::Netns),
 }
 
 /// The device id on a worker's "🆔 Device ID: …" line.
@@ -390,11 +391,17 @@ impl Rig {
         Self::start_at(env, Place::Netns(ns)).await
     }
 
+    /// A rig whose server and worker stay here but use only this side of a
+    /// namespace's link — for a client that runs inside the namespace.
+    pub async fn start_facing(ns: &netns::Netns, env: &[(&str, &str)]) -> Self {
+        Self::start_at(env, Place::Facing(ns)).await
+    }
+
     async fn start_at(env: &[(&str, &str)], place: Place<'_>) -> Self {
         let server_dir = tempfile::tempdir().unwrap();
         let worker_dir = tempfile::tempdir().unwrap();
         let listen = match place {
-            Place::Netns(ns) => (ns.host_ip, 0).into(),
+            Place::Netns(ns) | Place::Facing(ns) => (ns.host_ip, 0).into(),
             _ => ([127, 0, 0, 1], 0).into(),
         };
         let server =
@@ -403,9 +410,10 @@ impl Rig {
         let mut all_env = vec![("COCOON_SETUP_TOKEN", setup.expose())];
         let networks = match place {
             Place::Netns(ns) => format!("{}/32", ns.ns_ip),
+            Place::Facing(ns) => format!("{}/32", ns.host_ip),
             _ => String::new(),
         };
-        if let Place::Netns(_) = place {
+        if let Place::Netns(_) | Place::Facing(_) = place {
             all_env.extend([
                 ("WEBRTC_ICE_SERVERS", ""),
                 ("COCOON_WEBRTC_NETWORKS", networks.as_str()),
@@ -414,7 +422,9 @@ impl Rig {
         all_env.extend_from_slice(env);
         let url = server.url();
         let mut worker = match place {
-            Place::Here => WorkerProcess::spawn(&url, worker_dir.path(), &all_env),
+            Place::Here | Place::Facing(_) => {
+                WorkerProcess::spawn(&url, worker_dir.path(), &all_env)
+            }
             Place::Nobody => WorkerProcess::spawn_as_nobody(&url, worker_dir.path(), &all_env),
             Place::Netns(ns) => WorkerProcess::spawn_in(ns, &url, worker_dir.path(), &all_env),
         };

@@ -12,7 +12,7 @@ import struct
 import sys
 
 import websockets
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
 DATA, ACK, FIN, PING, PONG, SKIP = 1, 2, 3, 4, 5, 6
@@ -106,7 +106,9 @@ async def main(url, token, device):
     session = Session(ws, device)
     asyncio.ensure_future(session.read_relay())
 
-    pc = RTCPeerConnection()
+    # No ICE servers: aiortc's default is a public STUN server, which tests
+    # must never contact. Host candidates are all it needs here.
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     channel = pc.createDataChannel("cocoon", ordered=True)
     opened = asyncio.Event()
     channel.on("open", opened.set)

@@ -429,8 +429,6 @@ pub enum ServiceErrorCode {
     EnvRefused,
     /// Input bytes could not be decoded (bad base64).
     InvalidEncoding,
-    /// No service of that name is configured.
-    UnknownService,
     /// No query handler of that name is configured.
     UnknownQuery,
     /// A query handler failed.

@@ -20,6 +20,8 @@ use crate::session::stream::{ControlStream, InStream, OutStream};
 const RETRANSMIT_AFTER: Duration = Duration::from_millis(1000);
 /// Unacknowledged bytes kept per outgoing stream.
 pub(super) const STREAM_BUFFER: usize = 4 * 1024 * 1024;
+/// Unanswered pings kept at most.
+const MAX_PINGS: usize = 64;
 /// After a working direct path fails, a new one is offered this much later.
 const REOFFER_AFTER: Duration = Duration::from_secs(3);
 
@@ -308,6 +310,15 @@ impl Driver {
             Command::Send(request) => self.queue_request(&request)?,
             Command::Ping(reply) => {
                 let nonce = rand::random();
+                // Pings lost with a dead link are forgotten, oldest first.
+                if self.pings.len() >= MAX_PINGS {
+                    let oldest = self
+                        .pings
+                        .iter()
+                        .min_by_key(|(_, (at, _))| *at)
+                        .map(|(n, _)| *n);
+                    self.pings.remove(&oldest.expect("not empty"));
+                }
                 self.pings.insert(nonce, (Instant::now(), reply));
                 self.send(Frame::Ping(nonce)).await?;
             }
@@ -543,6 +554,8 @@ impl Driver {
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
+        // A caller that stopped waiting (its reply timed out) is forgotten.
+        self.pending.retain(|_, reply| !reply.is_closed());
         if self.rtc_deadline.is_some_and(|deadline| deadline <= now) {
             tracing::info!("no peer-to-peer path within the ICE timeout; settled on the relay");
             self.rtc_deadline = None;
