@@ -7,15 +7,20 @@ use std::process::Stdio;
 
 use cocoon_signaling::auth::TokenKind;
 use common::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_runs_a_server_and_a_registered_worker_and_prints_a_working_token() {
     let dir = tempfile::tempdir().unwrap();
+    let web = tempfile::tempdir().unwrap();
+    let index = "<!doctype html><title>cocoon terminal</title>\n";
+    std::fs::write(web.path().join("index.html"), index).unwrap();
     let mut up = Command::new(env!("CARGO_BIN_EXE_cocoon"))
         .args(["up", "--port", "0", "--data-dir"])
         .arg(dir.path())
+        .arg("--web-root")
+        .arg(web.path())
         .env("WEBRTC_ICE_SERVERS", "")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -26,9 +31,10 @@ async fn up_runs_a_server_and_a_registered_worker_and_prints_a_working_token() {
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let mut url = None;
     let mut token = None;
+    let mut browser = None;
     let mut registered = false;
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !(registered && url.is_some() && token.is_some()) {
+    while !(registered && url.is_some() && token.is_some() && browser.is_some()) {
         let line = tokio::time::timeout_at(deadline, lines.next_line())
             .await
             .expect("up prints its lines in time")
@@ -38,23 +44,56 @@ async fn up_runs_a_server_and_a_registered_worker_and_prints_a_working_token() {
             url = rest.split_whitespace().next().map(str::to_owned);
         } else if line.trim().starts_with("eyJ") {
             token = Some(line.trim().to_owned());
+        } else if let Some(rest) = line.strip_prefix("👉 Open the browser terminal: ") {
+            assert!(url.is_some(), "the browser line comes after the others");
+            browser = Some(rest.to_owned());
         } else if line.contains("✅ Registration confirmed") {
             registered = true;
         }
     }
     let url = url.unwrap();
     assert!(url.starts_with("ws://127.0.0.1:"), "loopback only: {url}");
+    let token = token.unwrap();
+
+    // The browser line opens the served client, the token in the fragment.
+    let browser = browser.unwrap();
+    let (page, fragment) = browser.split_once('#').expect("a fragment");
+    let host = url
+        .strip_prefix("ws://")
+        .unwrap()
+        .strip_suffix("/ws")
+        .unwrap();
+    assert_eq!(page, format!("http://{host}/"));
+    assert_eq!(fragment, format!("token={token}"));
+    let served = http_get(host, "/").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert!(served.ends_with(index), "{served}");
 
     // The printed command works.
     let devices = Command::new(env!("CARGO_BIN_EXE_cocoon"))
         .args(["devices", "--url", &url])
-        .env("COCOON_ACCESS_TOKEN", token.unwrap())
+        .env("COCOON_ACCESS_TOKEN", token)
         .output()
         .await
         .unwrap();
     let listing = String::from_utf8_lossy(&devices.stdout);
     assert!(devices.status.success(), "{listing}");
     assert!(listing.contains("online"), "{listing}");
+}
+
+/// A raw GET; the whole response as text.
+async fn http_get(host: &str, path: &str) -> String {
+    let exchange = async {
+        let mut tcp = tokio::net::TcpStream::connect(host).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        String::from_utf8_lossy(&raw).into_owned()
+    };
+    tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .expect("the server answers in time")
 }
 
 #[tokio::test]

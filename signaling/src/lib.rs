@@ -14,6 +14,7 @@
 //! - [`hub`]: online devices and clients, and routing between them.
 //! - [`conn`]: one WebSocket connection's reader and writer.
 //! - [`server`]: HTTP, TLS, the accept loop, shutdown.
+//! - [`web`]: the browser client's static files, served at `/`.
 //!
 //! The data flows `server` → `conn` → `hub` → another connection's outbox.
 
@@ -28,6 +29,7 @@ pub mod limit;
 pub mod protocol;
 pub mod server;
 pub mod store;
+pub mod web;
 
 pub use server::{Config, Server, TlsFiles};
 

@@ -74,6 +74,9 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_origins: Vec<String>,
+    /// Serve the browser client's built files from this directory at /.
+    #[arg(long, env = "SIGNALING_WEB_ROOT", value_name = "DIR")]
+    web_root: Option<PathBuf>,
     /// Development mode: loopback only; unclaimed devices belong to this owner.
     #[arg(long, value_name = "OWNER")]
     dev: Option<String>,
@@ -108,6 +111,7 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     config.hmac_salt = args.hmac_salt;
     config.allowed_origins = args.allowed_origins;
     config.dev_owner = args.dev.map(UserId::new);
+    config.web_root = args.web_root;
     config.tls = args
         .tls_cert
         .zip(args.tls_key)

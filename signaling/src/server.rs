@@ -1,8 +1,9 @@
-//! The HTTP side: `/ws` (workers and clients), `/health`, optional TLS, and
-//! the accept loop with its connection cap and shutdown.
+//! The HTTP side: `/ws` (workers and clients), `/health`, the browser client
+//! at every other path ([`crate::web`]), optional TLS, and the accept loop
+//! with its connection cap and shutdown.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +32,7 @@ use crate::files::ensure_writable_dir;
 use crate::hub::Hub;
 use crate::protocol::{MAX_MESSAGE_BYTES, UserId};
 use crate::store::{Store, load_salt, load_token_key};
+use crate::web;
 
 /// Frames above this size close the connection outright; between
 /// [`MAX_MESSAGE_BYTES`] and this they get a `message_too_large` reply.
@@ -57,6 +59,8 @@ pub struct Config {
     pub max_connections: usize,
     /// Handshake, ping and idle timeouts of WebSocket connections.
     pub timeouts: Timeouts,
+    /// A directory of built browser-client files to serve at `/`.
+    pub web_root: Option<PathBuf>,
 }
 
 impl Config {
@@ -71,6 +75,7 @@ impl Config {
             allowed_origins: Vec::new(),
             max_connections: 10_000,
             timeouts: Timeouts::default(),
+            web_root: None,
         }
     }
 }
@@ -101,6 +106,7 @@ pub struct Server {
     allowed_origins: Arc<[String]>,
     max_connections: usize,
     timeouts: Timeouts,
+    web_root: Option<PathBuf>,
 }
 
 impl Server {
@@ -111,6 +117,9 @@ impl Server {
                 "development mode serves only loopback addresses; {} is not one",
                 config.listen
             );
+        }
+        if let Some(root) = &config.web_root {
+            check_web_root(root).await?;
         }
         ensure_writable_dir(&config.data_dir, "data dir")?;
         let salt = load_salt(&config.data_dir, config.hmac_salt.as_deref())?;
@@ -127,6 +136,7 @@ impl Server {
             allowed_origins: config.allowed_origins.into(),
             max_connections: config.max_connections,
             timeouts: config.timeouts,
+            web_root: config.web_root,
         })
     }
 
@@ -153,7 +163,7 @@ impl Server {
             allowed_origins: self.allowed_origins.clone(),
             timeouts: self.timeouts,
         };
-        let app = router(state);
+        let app = router(state, self.web_root.clone());
         let slots = Arc::new(Semaphore::new(self.max_connections));
         tracing::info!(addr = %self.local_addr(), tls = self.tls.is_some(), "signaling server listening");
         loop {
@@ -189,11 +199,26 @@ impl Server {
     }
 }
 
-fn router(state: AppState) -> Router {
+fn router(state: AppState, web_root: Option<PathBuf>) -> Router {
     Router::new()
         .route("/ws", get(ws_upgrade))
         .route("/health", get(health))
+        .fallback_service(web::service(web_root))
         .with_state(state)
+}
+
+async fn check_web_root(root: &Path) -> anyhow::Result<()> {
+    let meta = tokio::fs::metadata(root)
+        .await
+        .with_context(|| format!("cannot use web root {}", root.display()))?;
+    if !meta.is_dir() {
+        bail!("web root {} is not a directory", root.display());
+    }
+    let index = tokio::fs::metadata(root.join("index.html")).await;
+    if !index.is_ok_and(|meta| meta.is_file()) {
+        tracing::warn!(root = %root.display(), "web root has no index.html");
+    }
+    Ok(())
 }
 
 async fn serve_tcp(

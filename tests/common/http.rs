@@ -1,5 +1,6 @@
 //! A real HTTP server on loopback for the proxy tests: it echoes what it
-//! got in headers and body, with a few special paths (`/slow`, `/big`).
+//! got in headers and body, with a few special paths (`/slow`, `/big`,
+//! `/page.html`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +19,9 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub requests: Arc<AtomicUsize>,
 }
+
+/// What `/page.html` serves.
+pub const PAGE: &str = "<!doctype html><h1>served by the worker</h1>";
 
 pub async fn upstream() -> Upstream {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -76,7 +80,13 @@ async fn respond(
     let response_body = match path.as_str() {
         "/api/parse?path=/project" => Bytes::from(r#"{"flows": []}"#),
         "/big" => Bytes::from(vec![b'z'; 200_000]),
+        "/page.html" => Bytes::from_static(PAGE.as_bytes()),
         _ => body,
+    };
+    let content_type = if path == "/page.html" {
+        "text/html; charset=utf-8"
+    } else {
+        "application/octet-stream"
     };
     let response = hyper::Response::builder()
         .header("x-method", method)
@@ -86,7 +96,7 @@ async fn respond(
         .header("x-accept", accept)
         .header("set-cookie", "a=1")
         .header("set-cookie", "b=2")
-        .header("content-type", "application/octet-stream")
+        .header("content-type", content_type)
         .body(Full::new(response_body))
         .unwrap();
     Ok(response)

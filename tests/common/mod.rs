@@ -351,6 +351,8 @@ enum Place<'a> {
     Nobody,
     Netns(&'a netns::Netns),
     Facing(&'a netns::Netns),
+    /// As `Facing`, with the server serving the browser client.
+    Browser(&'a netns::Netns),
 }
 
 /// The device id on a worker's "🆔 Device ID: …" line.
@@ -373,6 +375,12 @@ pub fn netns_rtc(ns: &netns::Netns) -> cocoon::link::rtc::RtcConfig {
 }
 
 impl Rig {
+    /// Like [`Rig::start_facing`], with the server serving the browser
+    /// client from `examples/web/dist` (built by `./scripts/test`).
+    pub async fn start_for_browser(ns: &netns::Netns, env: &[(&str, &str)]) -> Self {
+        Self::start_at(env, Place::Browser(ns)).await
+    }
+
     /// Starts a server, a worker (with extra environment) and a client.
     pub async fn start(env: &[(&str, &str)]) -> Self {
         Self::start_as(env, false).await
@@ -401,19 +409,22 @@ impl Rig {
         let server_dir = tempfile::tempdir().unwrap();
         let worker_dir = tempfile::tempdir().unwrap();
         let listen = match place {
-            Place::Netns(ns) | Place::Facing(ns) => (ns.host_ip, 0).into(),
+            Place::Netns(ns) | Place::Facing(ns) | Place::Browser(ns) => (ns.host_ip, 0).into(),
             _ => ([127, 0, 0, 1], 0).into(),
         };
-        let server =
-            TestServer::start_with(Config::new(listen, server_dir.path().to_owned())).await;
+        let mut config = Config::new(listen, server_dir.path().to_owned());
+        if let Place::Browser(_) = place {
+            config.web_root = Some(web_root());
+        }
+        let server = TestServer::start_with(config).await;
         let setup = server.token(TokenKind::Setup, "alice");
         let mut all_env = vec![("COCOON_SETUP_TOKEN", setup.expose())];
         let networks = match place {
             Place::Netns(ns) => format!("{}/32", ns.ns_ip),
-            Place::Facing(ns) => format!("{}/32", ns.host_ip),
+            Place::Facing(ns) | Place::Browser(ns) => format!("{}/32", ns.host_ip),
             _ => String::new(),
         };
-        if let Place::Netns(_) | Place::Facing(_) = place {
+        if let Place::Netns(_) | Place::Facing(_) | Place::Browser(_) = place {
             all_env.extend([
                 ("WEBRTC_ICE_SERVERS", ""),
                 ("COCOON_WEBRTC_NETWORKS", networks.as_str()),
@@ -422,7 +433,7 @@ impl Rig {
         all_env.extend_from_slice(env);
         let url = server.url();
         let mut worker = match place {
-            Place::Here | Place::Facing(_) => {
+            Place::Here | Place::Facing(_) | Place::Browser(_) => {
                 WorkerProcess::spawn(&url, worker_dir.path(), &all_env)
             }
             Place::Nobody => WorkerProcess::spawn_as_nobody(&url, worker_dir.path(), &all_env),
@@ -609,4 +620,15 @@ pub fn execute_request(command: &str) -> cocoon_signaling::protocol::service::Ex
         env: None,
         cwd: None,
     }
+}
+
+/// The built browser client; a clear failure when it was not built.
+pub fn web_root() -> PathBuf {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/web/dist");
+    assert!(
+        dist.join("index.html").is_file() && dist.join("app.js").is_file(),
+        "the browser client is not built: run ./scripts/test, or \
+         npm --prefix examples/web ci && npm --prefix examples/web run build"
+    );
+    dist
 }

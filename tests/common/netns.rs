@@ -79,6 +79,19 @@ impl Netns {
         run(&all);
     }
 
+    /// Routes everything from the namespace through this side of the link
+    /// (Chromium leaves host candidates out until a default route exists).
+    pub fn default_route(&self) {
+        self.exec(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.host_ip.to_string(),
+        ]);
+    }
+
     /// Drops all UDP in and out of the namespace (TCP still flows).
     pub fn block_udp(&self) {
         self.exec(&["iptables", "-I", "INPUT", "-p", "udp", "-j", "DROP"]);
