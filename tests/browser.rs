@@ -91,6 +91,12 @@ async fn survives_a_network_outage() {
 }
 
 #[tokio::test]
+async fn copies_and_pastes() {
+    let (ns, rig) = setup(&[]).await;
+    drive(&ns, &rig, "clipboard").await;
+}
+
+#[tokio::test]
 async fn runs_commands_and_opens_services() {
     let upstream = common::http::upstream().await;
     let services = format!("web:{}", upstream.addr.port());

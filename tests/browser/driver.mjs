@@ -43,8 +43,12 @@ async function launch() {
       '--disable-sync',
       // Real host candidates instead of mDNS names the worker cannot resolve.
       '--disable-features=WebRtcHideLocalIpsWithMdns',
+      // The page is served from a 10.x address; the clipboard API wants a
+      // secure context, as on 127.0.0.1 or behind TLS.
+      `--unsafely-treat-insecure-origin-as-secure=${new URL(PAGE).origin}`,
     ],
   });
+  await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin: new URL(PAGE).origin });
   const page = context.pages()[0] ?? (await context.newPage());
   page.on('console', (message) => {
     if (message.type() === 'error' || message.type() === 'warning') log('page:', message.text());
@@ -307,6 +311,42 @@ const scenarios = {
     await waitForLine(page, 'light-81');
     const lines = await bufferLines(page);
     assert.equal(lines.filter((l) => l.trim() === 'dark-64').length, 1, 'the answer arrived once');
+  },
+
+  /** Ctrl+Shift+C copies the selection, Ctrl+Shift+V pastes, OSC 52 sets the clipboard. */
+  async clipboard(page) {
+    await openTerminal(page);
+    const clipboard = () => page.evaluate(() => navigator.clipboard.readText());
+
+    await run(page, "printf '\\033]52;c;%s\\a' $(printf from-osc52 | base64)");
+    await page.waitForFunction(async () => (await navigator.clipboard.readText()) === 'from-osc52', null, {
+      timeout: WAIT,
+      polling: 100,
+    });
+
+    await run(page, 'echo copy-$((5*5))');
+    await waitForLine(page, 'copy-25');
+    await page.evaluate(() => {
+      const term = window.cocoon.active.term;
+      const buffer = term.buffer.active;
+      for (let y = buffer.length - 1; y >= 0; y--) {
+        if (buffer.getLine(y).translateToString(true).trim() === 'copy-25') {
+          term.select(0, y, 7);
+          return;
+        }
+      }
+    });
+    await page.keyboard.press('Control+Shift+C');
+    await page.waitForFunction(async () => (await navigator.clipboard.readText()) === 'copy-25', null, {
+      timeout: WAIT,
+      polling: 100,
+    });
+    log('copied:', await clipboard());
+
+    await page.evaluate(() => navigator.clipboard.writeText('echo pasted-$((6*6))'));
+    await page.keyboard.press('Control+Shift+V');
+    await page.keyboard.press('Enter');
+    await waitForLine(page, 'pasted-36');
   },
 
   /** The tools panel: a one-off command and an HTTP service through the proxy. */
