@@ -32,6 +32,10 @@ async fn drive(ns: &Netns, rig: &Rig, scenario: &str) {
         .env("COCOON_PAGE", format!("{base}/#token={}", token.expose()))
         .env("COCOON_HEALTH", format!("{base}/health"))
         .env("COCOON_ARTIFACTS", &artifacts)
+        .env(
+            "COCOON_HOST_NETNS",
+            format!("/proc/{}/ns/net", std::process::id()),
+        )
         .kill_on_drop(true)
         .status();
     let status = tokio::time::timeout(std::time::Duration::from_secs(120), status)
@@ -88,6 +92,12 @@ async fn resumes_after_the_connection_drops() {
 async fn survives_a_network_outage() {
     let (ns, rig) = setup(&[]).await;
     drive(&ns, &rig, "outage").await;
+}
+
+#[tokio::test]
+async fn resumes_after_the_worker_reconnects() {
+    let (ns, rig) = setup(&[]).await;
+    drive(&ns, &rig, "worker").await;
 }
 
 #[tokio::test]

@@ -349,6 +349,29 @@ const scenarios = {
     await waitForLine(page, 'pasted-36');
   },
 
+  /**
+   * The worker's own connection to the server breaks (its socket is reset in
+   * the test's namespace): the worker reconnects and forgets its clients, the
+   * page notices the device coming back and resumes the terminal.
+   */
+  async worker(page) {
+    await openTerminal(page);
+    await run(page, 'echo before-$((6*7))');
+    await waitForLine(page, 'before-42');
+    const server = new URL(PAGE);
+    execFileSync('nsenter', [
+      `--net=${process.env.COCOON_HOST_NETNS}`,
+      'ss', '-K', 'dst', server.hostname, 'dport', '=', `:${server.port}`,
+    ]);
+    log("reset the worker's connection");
+    await run(page, 'echo after-$((6*7))');
+    await waitForLine(page, 'after-42');
+    const lines = await bufferLines(page);
+    const count = (wanted) => lines.filter((l) => l.trim() === wanted).length;
+    assert.equal(count('before-42'), 1, 'output before the break shown once');
+    assert.equal(count('after-42'), 1);
+  },
+
   /** The tools panel: a one-off command and an HTTP service through the proxy. */
   async tools(page) {
     await page.goto(PAGE);

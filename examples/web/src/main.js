@@ -35,7 +35,9 @@ class App {
     this.active = null;
     this.selected = null;
     this.restored = false;
+    /** The latest notice for the status line, shown for a few seconds. */
     this.notice = '';
+    this.noticeTimer = null;
   }
 
   start() {
@@ -78,8 +80,7 @@ class App {
         $('#signin').hidden = false;
         $('#signin-error').textContent = detail.message;
       }
-      this.notice = detail.message ?? '';
-      this.renderStatus();
+      this.say(detail.message ?? '');
     });
     connection.addEventListener('ready', ({ detail }) => {
       $('#user').textContent = detail.userId;
@@ -88,10 +89,12 @@ class App {
         this.restoreTabs();
       }
     });
-    connection.addEventListener('devices', () => this.renderDevices());
-    connection.addEventListener('error', ({ detail }) => {
-      this.notice = `${detail.code}: ${detail.message}`;
+    connection.addEventListener('devices', () => {
+      this.renderDevices();
       this.renderStatus();
+    });
+    connection.addEventListener('error', ({ detail }) => {
+      this.say(`${detail.code}: ${detail.message}`);
     });
     connection.start();
   }
@@ -110,8 +113,7 @@ class App {
       session.addEventListener('path', () => this.renderStatus());
       session.addEventListener('rtt', () => this.renderStatus());
       session.addEventListener('notice', ({ detail }) => {
-        this.notice = detail.message;
-        this.renderStatus();
+        this.say(detail.message);
       });
       this.sessions.set(deviceId, session);
     }
@@ -253,6 +255,17 @@ class App {
     }
   }
 
+  /** Shows a notice on the status line for 10 s. */
+  say(message) {
+    this.notice = message;
+    clearTimeout(this.noticeTimer);
+    this.noticeTimer = setTimeout(() => {
+      this.notice = '';
+      this.renderStatus();
+    }, 10_000);
+    this.renderStatus();
+  }
+
   /** The status line: the active terminal's device, path and live RTT. */
   renderStatus() {
     const status = $('#status');
@@ -266,7 +279,9 @@ class App {
     if (tab) {
       const session = this.sessions.get(tab.deviceId);
       parts.push(tab.title);
-      if (session) {
+      if (connection.devices.get(tab.deviceId)?.online === false) {
+        parts.push('device offline — waiting for it');
+      } else if (session) {
         path = session.path.path;
         const label = { relay: 'Relay (via the server)', p2p: 'P2P', turn: 'TURN' }[path];
         const pair = session.path.local ? ` ${session.path.local} ↔ ${session.path.remote}` : '';

@@ -135,6 +135,10 @@ export class Session extends EventTarget {
     connection.routes.set(deviceId, (frame) => this.onFrame(frame));
     this.onReady = () => this.begin();
     connection.addEventListener('ready', this.onReady);
+    /** Whether the device is online (null: not known yet). */
+    this.deviceOnline = connection.devices.get(deviceId)?.online ?? null;
+    this.onDeviceList = () => this.onDevices();
+    connection.addEventListener('devices', this.onDeviceList);
     this.ticker = setInterval(() => this.tick(), TICK_MS);
     this.pinger = setInterval(() => this.ping(), PING_EVERY_MS);
     if (connection.ready()) this.begin();
@@ -188,45 +192,66 @@ export class Session extends EventTarget {
     clearInterval(this.ticker);
     clearInterval(this.pinger);
     this.connection.removeEventListener('ready', this.onReady);
+    this.connection.removeEventListener('devices', this.onDeviceList);
     this.connection.routes.delete(this.deviceId);
     this.closeRtc();
   }
 
   // ---- starting over -------------------------------------------------------
 
-  /**
-   * The connection authenticated, perhaps as a new client: the worker then
-   * has no state for us, so every stream starts from 0 again and terminals
-   * are resumed from what they have shown.
-   */
+  /** The connection authenticated; as a new client if it reconnected. */
   begin() {
     const clientId = this.connection.clientId;
     if (this.closed || clientId === this.clientId) return;
-    const fresh = this.clientId === null;
+    const first = this.clientId === null;
     this.clientId = clientId;
-    if (!fresh) {
-      this.closeRtc();
-      this.channel = null;
-      this.control = new ControlStream(STREAM_BUFFER);
-      for (const [id] of this.pending) {
-        this.settle(id, { type: 'error', code: 'connection_lost', message: 'the connection was lost' });
-      }
-      for (const terminal of this.terminals.values()) {
-        const unsent = terminal.input.unacknowledged();
-        terminal.input = new OutStream(terminal.stream, STREAM_BUFFER);
-        terminal.acked = -1;
-        if (terminal.sessionId === null) {
-          this.sendAttach(terminal);
-        } else {
-          const offset = terminal.resuming ? terminal.written : terminal.output.next;
-          terminal.resuming = true;
-          terminal.early = [];
-          this.sendResume(terminal, offset);
-        }
-        terminal.input.push(unsent);
-      }
-      this.setPath('relay');
+    if (first) {
+      this.startRtc();
+      this.flush();
+      this.ping();
+    } else {
+      this.restart();
     }
+  }
+
+  /**
+   * The device came back online: its worker reconnected to the server and
+   * forgot every client it had, us included.
+   */
+  onDevices() {
+    const online = this.connection.devices.get(this.deviceId)?.online ?? false;
+    const back = online && this.deviceOnline === false;
+    this.deviceOnline = online;
+    if (back && this.clientId !== null) this.restart();
+  }
+
+  /**
+   * The worker has no state for us (we are a new client, or it is a new
+   * connection): every stream starts from 0 again, and terminals are resumed
+   * from what they have shown.
+   */
+  restart() {
+    this.closeRtc();
+    this.channel = null;
+    this.control = new ControlStream(STREAM_BUFFER);
+    for (const [id] of this.pending) {
+      this.settle(id, { type: 'error', code: 'connection_lost', message: 'the connection was lost' });
+    }
+    for (const terminal of this.terminals.values()) {
+      const unsent = terminal.input.unacknowledged();
+      terminal.input = new OutStream(terminal.stream, STREAM_BUFFER);
+      terminal.acked = -1;
+      if (terminal.sessionId === null) {
+        this.sendAttach(terminal);
+      } else {
+        const offset = terminal.resuming ? terminal.written : terminal.output.next;
+        terminal.resuming = true;
+        terminal.early = [];
+        this.sendResume(terminal, offset);
+      }
+      terminal.input.push(unsent);
+    }
+    this.setPath('relay');
     this.startRtc();
     this.flush();
     this.ping();
