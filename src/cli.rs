@@ -26,6 +26,8 @@ enum Command {
     Up(UpArgs),
     /// List your devices.
     Devices(ClientArgs),
+    /// Diagnose peer-to-peer connectivity: signaling, STUN, TURN, UDP ports.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// How a client command reaches the signaling server.
@@ -53,8 +55,26 @@ impl Cli {
             Command::Run(args) => crate::worker::run(args.try_into()?, shutdown).await,
             Command::Up(args) => crate::up::run(args, shutdown).await,
             Command::Devices(args) => devices(args).await,
+            Command::Doctor(args) => doctor(args, shutdown).await,
         }
     }
+}
+
+/// Exits non-zero only when the signaling server is unusable: slow paths
+/// still work.
+async fn doctor(
+    args: crate::doctor::DoctorArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let verdict = tokio::select! {
+        verdict = crate::doctor::run(args) => verdict?,
+        _ = shutdown.cancelled() => anyhow::bail!("interrupted"),
+    };
+    anyhow::ensure!(
+        verdict != crate::doctor::Verdict::Offline,
+        "the signaling server is unreachable or refused the token"
+    );
+    Ok(())
 }
 
 async fn devices(args: ClientArgs) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cocoon_signaling::protocol::{
-    ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, ToServer, UserId,
+    ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, IceServer, Secret, ToServer, UserId,
 };
 use serde_json::Value;
 
@@ -70,6 +70,22 @@ impl Client {
         loop {
             match recv_reply(&mut self.link).await? {
                 FromServer::DeviceList { devices } => return Ok(devices),
+                FromServer::DeviceStatus { .. } | FromServer::SyncData { .. } => continue,
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// The STUN/TURN servers the server hands out (with fresh TURN
+    /// credentials), and how long the credentials last.
+    pub async fn ice_servers(&mut self) -> anyhow::Result<(Vec<IceServer>, Duration)> {
+        self.link.send(&ToServer::GetIceServers {}).await?;
+        loop {
+            match recv_reply(&mut self.link).await? {
+                FromServer::IceServers {
+                    ice_servers,
+                    ttl_secs,
+                } => return Ok((ice_servers, Duration::from_secs(ttl_secs))),
                 FromServer::DeviceStatus { .. } | FromServer::SyncData { .. } => continue,
                 other => return Err(unexpected(other)),
             }

@@ -134,6 +134,7 @@ impl RtcArgs {
             relay_only: self.webrtc_relay_only,
             strict: self.strict_p2p,
             ice_timeout: self.ice_timeout,
+            issued: Default::default(),
         }))
     }
 }

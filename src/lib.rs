@@ -16,6 +16,7 @@
 //! - [`worker`]: registration, reconnection, dispatch to the services.
 //! - [`client`]: authenticating and talking to the signaling server.
 //! - [`up`]: server and worker in one process for local use.
+//! - [`doctor`]: why this machine does or does not get peer-to-peer paths.
 //! - [`cli`]: the `cocoon` command line.
 //!
 //! Each floor uses only the floors below it: services know nothing of
@@ -29,6 +30,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod identity;
 pub mod link;
 pub mod services;

@@ -6,46 +6,15 @@
 
 mod common;
 
-use std::path::Path;
-
+use cocoon_signaling::auth::TokenKind;
 use common::Rig;
 use common::netns::Netns;
-use tokio::process::Command;
-
-/// One Chromium at a time: on two cores, parallel browsers would make the
-/// scenarios that check responsiveness measure each other.
-static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs a driver scenario in Chromium inside `ns` against `rig`'s server.
 async fn drive(ns: &Netns, rig: &Rig, scenario: &str) {
-    let _turn = ONE_BROWSER.lock().await;
-    let token = rig
-        .server
-        .token(cocoon_signaling::auth::TokenKind::Access, "alice");
+    let token = rig.server.token(TokenKind::Access, "alice");
     let base = format!("http://{}", rig.server.addr);
-    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-artifacts");
-    let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/driver.mjs");
-    let status = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "node"])
-        .arg(&driver)
-        .arg(scenario)
-        .env("COCOON_PAGE", format!("{base}/#token={}", token.expose()))
-        .env("COCOON_HEALTH", format!("{base}/health"))
-        .env("COCOON_ARTIFACTS", &artifacts)
-        .env(
-            "COCOON_HOST_NETNS",
-            format!("/proc/{}/ns/net", std::process::id()),
-        )
-        .kill_on_drop(true)
-        .status();
-    let status = tokio::time::timeout(std::time::Duration::from_secs(120), status)
-        .await
-        .unwrap_or_else(|_| panic!("scenario {scenario} hung"))
-        .expect("node runs");
-    assert!(
-        status.success(),
-        "scenario {scenario} failed (its output is above)"
-    );
+    common::drive_browser(&ns.name, &base, &token, scenario).await;
 }
 
 /// A namespace for the browser and a rig facing it.

@@ -121,7 +121,7 @@ pub async fn serve(
                 }
                 Err(reject) => Err(reject),
             },
-            Role::Worker(device) => from_worker(device, message),
+            Role::Worker(device) => from_worker(device, &outbox, message),
             Role::Client(client) => from_client(client, &outbox, message).await,
         };
         match handled {
@@ -234,8 +234,12 @@ async fn handshake(
     }
 }
 
-fn from_worker(device: &DeviceGuard, message: ToServer) -> Result<(), Reject> {
+fn from_worker(device: &DeviceGuard, outbox: &Outbox, message: ToServer) -> Result<(), Reject> {
     match message {
+        ToServer::GetIceServers {} => {
+            send(outbox, device.hub().ice_servers(device.device_id.as_str()));
+            Ok(())
+        }
         ToServer::SyncData {
             payload,
             client_id: Some(client_id),
@@ -261,6 +265,10 @@ async fn from_client(
     message: ToServer,
 ) -> Result<(), Reject> {
     match message {
+        ToServer::GetIceServers {} => {
+            send(outbox, client.hub().ice_servers(client.owner.as_str()));
+            Ok(())
+        }
         ToServer::ListDevices {} => {
             let devices = client.list_devices().await?;
             send(outbox, FromServer::DeviceList { devices });

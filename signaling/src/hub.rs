@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::auth::{TokenError, TokenKey, TokenKind};
+use crate::ice::IceSettings;
 use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
 use crate::limit::FailureLimiter;
 use crate::protocol::{
@@ -114,6 +115,8 @@ pub struct Hub {
     dev_owner: Option<UserId>,
     /// Failed registrations and authentications per address.
     failures: Mutex<FailureLimiter>,
+    /// The STUN/TURN servers handed out.
+    ice: IceSettings,
 }
 
 /// A registered device's hold on its route. Dropping it takes the route down,
@@ -143,7 +146,13 @@ pub struct ClientGuard {
 
 impl Hub {
     /// A hub over a store, with the salt and token key it verifies with.
-    pub fn new(store: Store, salt: Vec<u8>, tokens: TokenKey, dev_owner: Option<UserId>) -> Self {
+    pub fn new(
+        store: Store,
+        salt: Vec<u8>,
+        tokens: TokenKey,
+        dev_owner: Option<UserId>,
+        ice: IceSettings,
+    ) -> Self {
         Self {
             routes: Mutex::default(),
             next_conn: AtomicU64::new(1),
@@ -154,7 +163,13 @@ impl Hub {
             tokens,
             dev_owner,
             failures: Mutex::default(),
+            ice,
         }
+    }
+
+    /// The `ice_servers` reply for a device or an owner.
+    pub fn ice_servers(&self, id: &str) -> FromServer {
+        self.ice.issue(id, std::time::SystemTime::now())
     }
 
     /// Refuses an address that failed too often lately.
@@ -452,6 +467,11 @@ fn deliver(hub: &Hub, outbox: &Outbox, outbound: Outbound, gone: Reject) -> Resu
 }
 
 impl DeviceGuard {
+    /// The hub this device is registered with.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
     /// Sends a worker's `sync_data` to one client of the device's owner.
     pub fn send_to_client(&self, client_id: &ClientId, payload: Value) -> Result<(), Reject> {
         let message = FromServer::SyncData {
@@ -509,6 +529,11 @@ impl Drop for DeviceGuard {
 }
 
 impl ClientGuard {
+    /// The hub this client is connected to.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
     /// Lists the owner's devices.
     pub async fn list_devices(&self) -> Result<Vec<DeviceInfo>, Reject> {
         self.hub.list_devices(&self.owner).await

@@ -24,6 +24,7 @@ pub mod auth;
 pub mod conn;
 pub mod files;
 pub mod hub;
+pub mod ice;
 pub mod identity;
 pub mod limit;
 pub mod protocol;

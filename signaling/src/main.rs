@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cocoon_signaling::auth::TokenKind;
-use cocoon_signaling::protocol::UserId;
+use cocoon_signaling::ice::IceSettings;
+use cocoon_signaling::protocol::{Secret, UserId};
 use cocoon_signaling::{Config, Server, TlsFiles, default_data_dir, parse_duration, store};
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +81,18 @@ struct ServeArgs {
     /// Development mode: loopback only; unclaimed devices belong to this owner.
     #[arg(long, value_name = "OWNER")]
     dev: Option<String>,
+    /// STUN/TURN URLs handed to workers and clients (`get_ice_servers`);
+    /// TURN ones get ephemeral credentials made with the TURN secret, which
+    /// is read from the file named here or from `TURN_SECRET` (never a flag:
+    /// process lists show flags).
+    #[arg(long = "ice-url", env = "SIGNALING_ICE_URLS", value_delimiter = ',')]
+    ice_urls: Vec<String>,
+    /// A file holding coturn's `static-auth-secret` (else `TURN_SECRET`).
+    #[arg(long, value_name = "PATH")]
+    turn_secret_file: Option<PathBuf>,
+    /// How long issued TURN credentials are valid: 90s, 30m, 12h.
+    #[arg(long, env = "TURN_CREDENTIAL_TTL", default_value = "12h", value_parser = parse_duration)]
+    turn_ttl: Duration,
 }
 
 #[tokio::main]
@@ -112,6 +125,11 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     config.allowed_origins = args.allowed_origins;
     config.dev_owner = args.dev.map(UserId::new);
     config.web_root = args.web_root;
+    config.ice = IceSettings {
+        urls: args.ice_urls,
+        turn_secret: turn_secret(args.turn_secret_file.as_deref())?,
+        ttl: args.turn_ttl,
+    };
     config.tls = args
         .tls_cert
         .zip(args.tls_key)
@@ -120,6 +138,21 @@ async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     server.run(shutdown).await.context("server failed")
+}
+
+/// The TURN secret from its file, else from `TURN_SECRET`.
+fn turn_secret(file: Option<&std::path::Path>) -> anyhow::Result<Option<Secret>> {
+    if let Some(file) = file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the TURN secret from {}", file.display()))?;
+        let secret = text.trim();
+        anyhow::ensure!(!secret.is_empty(), "{} is empty", file.display());
+        return Ok(Some(Secret::new(secret)));
+    }
+    Ok(std::env::var("TURN_SECRET")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Secret::new(s.trim())))
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -30,6 +30,7 @@ use tower::ServiceExt;
 use crate::conn::{self, Timeouts};
 use crate::files::ensure_writable_dir;
 use crate::hub::Hub;
+use crate::ice::IceSettings;
 use crate::protocol::{MAX_MESSAGE_BYTES, UserId};
 use crate::store::{Store, load_salt, load_token_key};
 use crate::web;
@@ -61,6 +62,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// A directory of built browser-client files to serve at `/`.
     pub web_root: Option<PathBuf>,
+    /// The STUN/TURN servers handed to workers and clients.
+    pub ice: IceSettings,
 }
 
 impl Config {
@@ -76,6 +79,7 @@ impl Config {
             max_connections: 10_000,
             timeouts: Timeouts::default(),
             web_root: None,
+            ice: IceSettings::default(),
         }
     }
 }
@@ -118,6 +122,7 @@ impl Server {
                 config.listen
             );
         }
+        config.ice.validate()?;
         if let Some(root) = &config.web_root {
             check_web_root(root).await?;
         }
@@ -132,7 +137,7 @@ impl Server {
         Ok(Self {
             listener,
             tls,
-            hub: Arc::new(Hub::new(store, salt, tokens, config.dev_owner)),
+            hub: Arc::new(Hub::new(store, salt, tokens, config.dev_owner, config.ice)),
             allowed_origins: config.allowed_origins.into(),
             max_connections: config.max_connections,
             timeouts: config.timeouts,

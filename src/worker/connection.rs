@@ -59,9 +59,20 @@ async fn serve_loop(
     shutdown: &CancellationToken,
 ) -> Ended {
     let mut last_heard = Instant::now();
+    // Ask for the server's STUN/TURN servers now and again at half their
+    // credentials' lifetime (a server without any answers with an empty list).
+    let mut ask_ice_at = node.rtc.as_ref().map(|_| Instant::now());
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = sleep_until_some(ask_ice_at) => {
+                ask_ice_at = None;
+                if let Err(err) = link.send(&ToServer::GetIceServers {}).await {
+                    tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
+                    return Ended::Lost;
+                }
+                continue;
+            }
             incoming = tokio::time::timeout_at(last_heard + SERVER_SILENCE, link.recv_any()) => incoming,
             Some(outgoing) = node.outbound.recv() => {
                 if let Err(err) = send(link, outgoing).await {
@@ -85,6 +96,22 @@ async fn serve_loop(
         };
         last_heard = Instant::now();
         match incoming {
+            Incoming::Message(FromServer::IceServers {
+                ice_servers,
+                ttl_secs,
+            }) => {
+                if let Some(rtc) = &node.rtc {
+                    tracing::info!(
+                        servers = ice_servers.len(),
+                        ttl_secs,
+                        "ICE servers from the signaling server"
+                    );
+                    rtc.issued
+                        .set(ice_servers.into_iter().map(Into::into).collect());
+                    let refresh = Duration::from_secs(ttl_secs.max(10) / 2);
+                    ask_ice_at = Some(Instant::now() + refresh);
+                }
+            }
             Incoming::Message(message) => on_message(node, peers, message),
             Incoming::Relay { from, frame } => {
                 let client = ClientId::new(from);
@@ -103,6 +130,14 @@ async fn serve_loop(
                 peer.deliver(frame);
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

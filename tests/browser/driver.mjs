@@ -191,6 +191,28 @@ const scenarios = {
     await screenshot(page, 'p2p');
   },
 
+  /** Behind NATs that only TURN gets through: the terminal runs over TURN. */
+  async turn(page) {
+    await openTerminal(page);
+    await page.waitForFunction(() => document.querySelector('#status').dataset.path === 'turn', null, {
+      timeout: 40_000,
+    });
+    const pair = await page.evaluate(() =>
+      window.cocoon.sessions.get(window.cocoon.active.deviceId).candidatePair(),
+    );
+    log('selected pair:', JSON.stringify(pair));
+    assert.equal(pair.state, 'succeeded');
+    assert.ok(pair.local === 'relay' || pair.remote === 'relay', 'a relay candidate carries it');
+    assert.match((await statusPath(page)).text, /TURN/);
+    const before = await relayedBytes();
+    await run(page, 'echo $((6*7))');
+    await waitForLine(page, '42');
+    const relayed = (await relayedBytes()) - before;
+    log(`relayed by the signaling server meanwhile: ${relayed} bytes`);
+    assert.ok(relayed < 4096);
+    await screenshot(page, 'turn');
+  },
+
   /** UDP blocked: the same, over the relay, and the status line says so. */
   async relay(page) {
     await openTerminal(page);

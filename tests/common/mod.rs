@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod natnet;
 pub mod netns;
 
 use std::net::SocketAddr;
@@ -174,9 +175,14 @@ impl WorkerProcess {
 
     /// Like [`WorkerProcess::spawn`], inside a network namespace.
     pub fn spawn_in(ns: &netns::Netns, url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::spawn_in_named(&ns.name, url, data_dir, env)
+    }
+
+    /// Like [`WorkerProcess::spawn`], inside the named network namespace.
+    pub fn spawn_in_named(ns: &str, url: &str, data_dir: &Path, env: &[(&str, &str)]) -> Self {
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &ns.name])
+            .args(["netns", "exec", ns])
             .arg(env!("CARGO_BIN_EXE_cocoon"));
         Self::spawn_with(command, url, data_dir, env)
     }
@@ -631,4 +637,40 @@ pub fn web_root() -> PathBuf {
          npm --prefix examples/web ci && npm --prefix examples/web run build"
     );
     dist
+}
+
+/// One Chromium at a time: on two cores, parallel browsers would make the
+/// scenarios that check responsiveness measure each other.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs a scenario of `tests/browser/driver.mjs` in Chromium inside the
+/// network namespace `ns`, against the server at `base` (`http://IP:PORT`,
+/// reachable from there), signed in with `token`. Its output goes to the
+/// test's; a failing scenario fails the test.
+pub async fn drive_browser(ns: &str, base: &str, token: &Secret, scenario: &str) {
+    web_root();
+    let _turn = ONE_BROWSER.lock().await;
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-artifacts");
+    let driver = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/driver.mjs");
+    let status = Command::new("ip")
+        .args(["netns", "exec", ns, "node"])
+        .arg(&driver)
+        .arg(scenario)
+        .env("COCOON_PAGE", format!("{base}/#token={}", token.expose()))
+        .env("COCOON_HEALTH", format!("{base}/health"))
+        .env("COCOON_ARTIFACTS", &artifacts)
+        .env(
+            "COCOON_HOST_NETNS",
+            format!("/proc/{}/ns/net", std::process::id()),
+        )
+        .kill_on_drop(true)
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(120), status)
+        .await
+        .unwrap_or_else(|_| panic!("scenario {scenario} hung"))
+        .expect("node runs");
+    assert!(
+        status.success(),
+        "scenario {scenario} failed (its output is above)"
+    );
 }

@@ -14,6 +14,9 @@ const DEAD_AFTER_MS = 25_000;
 /** Browsers queue what the socket cannot send yet; past this we stop adding. */
 const MAX_BUFFERED = 4 * 1024 * 1024;
 
+/** How long to wait for `ice_servers` before starting without them. */
+const ICE_WAIT_MS = 2000;
+
 /** Errors after which trying again with the same token is pointless. */
 const FATAL = new Set(['invalid_token', 'token_expired', 'rate_limited']);
 
@@ -21,8 +24,10 @@ const FATAL = new Set(['invalid_token', 'token_expired', 'rate_limited']);
  * Events (an EventTarget; `detail` holds the data):
  * - `state`: `{ state }`: `connecting`, `online`, `offline` or `signed-out`,
  *   plus `message` when there is something to say;
- * - `ready`: `{ clientId, userId }` after each successful authentication — a
- *   new client id means the worker sees a new client, so sessions start over;
+ * - `ready`: `{ clientId, userId }` after each successful authentication (and
+ *   the server's ICE servers) — a new client id means the worker sees a new
+ *   client, so sessions start over;
+ * - `ice`: the issued ICE servers were refreshed (`iceServers`);
  * - `devices`: `{ devices }` whenever the list or a status changes;
  * - `error`: `{ code, message }` for server errors that are not fatal.
  */
@@ -43,6 +48,11 @@ export class Connection extends EventTarget {
     this.devices = new Map();
     /** device id → a function taking relay frames from that device */
     this.routes = new Map();
+    /** STUN/TURN servers issued by the server (TURN with fresh credentials). */
+    this.iceServers = [];
+    this.iceTimer = null;
+    /** Set while `ready` waits for the first `ice_servers`. */
+    this.readyTimer = null;
     this.retryMs = FIRST_RETRY_MS;
     this.lastHeard = 0;
     this.stopped = false;
@@ -139,7 +149,21 @@ export class Connection extends EventTarget {
         this.retryMs = FIRST_RETRY_MS;
         this.setState('online');
         this.sendJson({ type: 'list_devices' });
-        this.emit('ready', { clientId: this.clientId, userId: this.userId });
+        // Sessions start once the ICE servers are known (or soon anyway).
+        this.sendJson({ type: 'get_ice_servers' });
+        clearTimeout(this.readyTimer);
+        this.readyTimer = setTimeout(() => this.markReady(), ICE_WAIT_MS);
+        break;
+      case 'ice_servers':
+        this.iceServers = message.ice_servers;
+        clearTimeout(this.iceTimer);
+        // Fresh credentials at half their lifetime.
+        this.iceTimer = setTimeout(
+          () => this.sendJson({ type: 'get_ice_servers' }),
+          Math.max(5, message.ttl_secs / 2) * 1000,
+        );
+        if (this.readyTimer !== null) this.markReady();
+        else this.emit('ice', { iceServers: this.iceServers });
         break;
       case 'device_list':
         this.devices = new Map(message.devices.map((d) => [d.device_id, d]));
@@ -153,7 +177,10 @@ export class Connection extends EventTarget {
         break;
       }
       case 'error':
-        if (FATAL.has(message.code)) {
+        if (message.code === 'unknown_type' && this.readyTimer !== null) {
+          // A server that issues no ICE servers.
+          this.markReady();
+        } else if (FATAL.has(message.code)) {
           this.stopped = true;
           this.setState('signed-out', message.message);
           this.ws?.close();
@@ -165,6 +192,12 @@ export class Connection extends EventTarget {
         // sync_data and anything newer: this client speaks the session layer.
         break;
     }
+  }
+
+  markReady() {
+    clearTimeout(this.readyTimer);
+    this.readyTimer = null;
+    if (this.clientId !== null) this.emit('ready', { clientId: this.clientId, userId: this.userId });
   }
 
   onRelay(bytes) {

@@ -139,6 +139,8 @@ export class Session extends EventTarget {
     this.deviceOnline = connection.devices.get(deviceId)?.online ?? null;
     this.onDeviceList = () => this.onDevices();
     connection.addEventListener('devices', this.onDeviceList);
+    this.onIce = () => this.renew();
+    connection.addEventListener('ice', this.onIce);
     this.ticker = setInterval(() => this.tick(), TICK_MS);
     this.pinger = setInterval(() => this.ping(), PING_EVERY_MS);
     if (connection.ready()) this.begin();
@@ -193,6 +195,7 @@ export class Session extends EventTarget {
     clearInterval(this.pinger);
     this.connection.removeEventListener('ready', this.onReady);
     this.connection.removeEventListener('devices', this.onDeviceList);
+    this.connection.removeEventListener('ice', this.onIce);
     this.connection.routes.delete(this.deviceId);
     this.closeRtc();
   }
@@ -282,7 +285,8 @@ export class Session extends EventTarget {
     if (typeof RTCPeerConnection === 'undefined') return;
     let pc;
     try {
-      pc = new RTCPeerConnection({ iceServers: this.iceServers });
+      const iceServers = [...this.iceServers, ...this.connection.iceServers];
+      pc = new RTCPeerConnection({ iceServers });
     } catch (err) {
       this.notice(`WebRTC unavailable (${err.message}); staying on the relay`);
       return;
@@ -343,6 +347,16 @@ export class Session extends EventTarget {
     this.dc = null;
     this.rtcDeadline = null;
     if (pc) pc.close();
+  }
+
+  /**
+   * Fresh TURN credentials: a connection relayed by TURN is replaced now (an
+   * ICE restart) rather than left to die when its allocation expires.
+   */
+  renew() {
+    if (this.path.path !== 'turn') return;
+    this.fallBack('TURN credentials refreshed');
+    this.reofferAt = performance.now();
   }
 
   /** Moves back to the relay and offers a new connection a little later. */

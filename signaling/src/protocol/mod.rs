@@ -137,6 +137,23 @@ pub enum ToServer {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_id: Option<ClientId>,
     },
+    /// A worker or client asks for the STUN/TURN servers to use, with fresh
+    /// TURN credentials.
+    GetIceServers {},
+}
+
+/// A STUN or TURN server, shaped like WebRTC's `RTCIceServer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    /// `stun:HOST:PORT`, `turn:HOST:PORT?transport=udp`, …
+    pub urls: Vec<String>,
+    /// The TURN username.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// The TURN credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// Messages that the server sends to workers and clients.
@@ -190,6 +207,14 @@ pub enum FromServer {
     ClientLeft {
         /// The client that left.
         client_id: ClientId,
+    },
+    /// Reply to `get_ice_servers`.
+    IceServers {
+        /// The servers, TURN ones with credentials; empty when the server
+        /// hands out none.
+        ice_servers: Vec<IceServer>,
+        /// How long the credentials are valid; ask again before then.
+        ttl_secs: u64,
     },
     /// Something went wrong. The connection stays up unless the code says
     /// otherwise (see [`ErrorCode::is_fatal`]).
@@ -360,6 +385,7 @@ const TO_SERVER_TYPES: &[&str] = &[
     "list_devices",
     "select_device",
     "sync_data",
+    "get_ice_servers",
 ];
 
 /// Decodes one text frame sent to the server, classifying failures.

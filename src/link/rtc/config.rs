@@ -2,6 +2,7 @@
 //! JSON, and the network knobs real deployments need.
 
 use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -18,6 +19,34 @@ pub struct IceServer {
     /// TURN credential.
     #[serde(default)]
     pub credential: Option<String>,
+}
+
+impl From<cocoon_signaling::protocol::IceServer> for IceServer {
+    fn from(server: cocoon_signaling::protocol::IceServer) -> Self {
+        Self {
+            urls: server.urls,
+            username: server.username,
+            credential: server.credential,
+        }
+    }
+}
+
+/// The ICE servers a signaling server issued (TURN with ephemeral
+/// credentials), replaced whenever they are refreshed and shared by every
+/// connection made from the same [`RtcConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct IssuedIce(Arc<RwLock<Vec<IceServer>>>);
+
+impl IssuedIce {
+    /// Replaces the issued servers.
+    pub fn set(&self, servers: Vec<IceServer>) {
+        *self.0.write().unwrap() = servers;
+    }
+
+    /// The issued servers now.
+    pub fn get(&self) -> Vec<IceServer> {
+        self.0.read().unwrap().clone()
+    }
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -68,8 +97,10 @@ pub fn parse_ice_servers(
 /// How a side sets up WebRTC.
 #[derive(Debug, Clone)]
 pub struct RtcConfig {
-    /// STUN and TURN servers.
+    /// STUN and TURN servers of the local configuration.
     pub ice_servers: Vec<IceServer>,
+    /// STUN and TURN servers issued by the signaling server.
+    pub issued: IssuedIce,
     /// Gather loopback candidates (single-host setups and tests).
     pub include_loopback: bool,
     /// Gather candidates only on these addresses or networks (empty: all).
@@ -92,6 +123,7 @@ impl Default for RtcConfig {
     fn default() -> Self {
         Self {
             ice_servers: Vec::new(),
+            issued: IssuedIce::default(),
             include_loopback: false,
             allowed_networks: Vec::new(),
             port_range: None,
@@ -100,6 +132,16 @@ impl Default for RtcConfig {
             ice_timeout: Duration::from_secs(30),
             strict: false,
         }
+    }
+}
+
+impl RtcConfig {
+    /// Every server a new connection uses: the configured ones, then the
+    /// issued ones.
+    pub fn all_ice_servers(&self) -> Vec<IceServer> {
+        let mut all = self.ice_servers.clone();
+        all.extend(self.issued.get());
+        all
     }
 }
 

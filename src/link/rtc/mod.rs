@@ -11,7 +11,7 @@ use anyhow::Context;
 use cocoon_signaling::protocol::service::IceCandidate;
 use webrtc::data_channel::RTCDataChannel;
 
-pub use config::{IceServer, RtcConfig, parse_ice_servers, parse_network};
+pub use config::{IceServer, IssuedIce, RtcConfig, parse_ice_servers, parse_network};
 pub use peer::{CHANNEL_LABEL, ChannelSender, Events, RtcEvent, RtcPeer};
 
 /// Which path carries a session's frames.
@@ -138,9 +138,10 @@ impl RtcSide {
         }
     }
 
-    /// The selected candidate pair's types, when a channel is open.
-    pub async fn selected_types(&self) -> Option<(String, String)> {
-        self.peer.as_ref()?.selected_types().await
+    /// The selected candidate pair's types and the remote candidate's
+    /// address, when a channel is open.
+    pub async fn selected_pair(&self) -> Option<((String, String), String)> {
+        self.peer.as_ref()?.selected_pair().await
     }
 
     /// Tears the connection down.

@@ -117,7 +117,7 @@ impl RtcPeer {
         let api = APIBuilder::new().with_setting_engine(engine).build();
         let rtc_config = RTCConfiguration {
             ice_servers: config
-                .ice_servers
+                .all_ice_servers()
                 .iter()
                 .map(|server| RTCIceServer {
                     urls: server.urls.clone(),
@@ -225,8 +225,9 @@ impl RtcPeer {
         )
     }
 
-    /// The selected pair's candidate types, e.g. `("host", "host")`.
-    pub async fn selected_types(&self) -> Option<(String, String)> {
+    /// The selected pair's candidate types, e.g. `("host", "host")`, and
+    /// the remote candidate's address (`IP:PORT`).
+    pub async fn selected_pair(&self) -> Option<((String, String), String)> {
         let pair = self
             .pc
             .sctp()
@@ -234,7 +235,10 @@ impl RtcPeer {
             .ice_transport()
             .get_selected_candidate_pair()
             .await?;
-        Some((pair.local.typ.to_string(), pair.remote.typ.to_string()))
+        Some((
+            (pair.local.typ.to_string(), pair.remote.typ.to_string()),
+            format!("{}:{}", pair.remote.address, pair.remote.port),
+        ))
     }
 
     /// Closes the connection.

@@ -8,11 +8,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use cocoon_signaling::protocol::frame::{CONTROL_STREAM, Frame};
 use cocoon_signaling::protocol::service::{Request, Response, SessionId};
+use cocoon_signaling::protocol::{FromServer, IceServer, ToServer};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, interval};
 
 use super::{Command, PathStatus, PtyEvent};
-use crate::link::rtc::{RtcConfig, RtcEvent, RtcSide};
+use crate::link::rtc::{Path, RtcConfig, RtcEvent, RtcSide};
 use crate::link::ws::{Incoming, WsLink};
 use crate::session::stream::{ControlStream, InStream, OutStream};
 
@@ -79,10 +80,17 @@ pub(super) struct Driver {
     reoffer_at: Option<Instant>,
     /// Commands held in strict mode.
     held: Vec<Command>,
+    /// When to ask the server for fresh ICE servers (TURN credentials).
+    ask_ice_at: Option<Instant>,
 }
 
 impl Driver {
-    pub(super) fn new(link: WsLink, device: String, rtc: Option<RtcConfig>) -> Self {
+    pub(super) fn new(
+        link: WsLink,
+        device: String,
+        rtc: Option<RtcConfig>,
+        refresh_ice: Option<Duration>,
+    ) -> Self {
         Self {
             link,
             device,
@@ -96,6 +104,7 @@ impl Driver {
             settled_on_relay: false,
             reoffer_at: None,
             held: Vec::new(),
+            ask_ice_at: refresh_ice.map(|after| Instant::now() + after),
         }
     }
 
@@ -116,6 +125,9 @@ impl Driver {
                 incoming = self.link.recv_any() => match incoming {
                     Ok(Some(Incoming::Relay { from, frame })) if from == self.device => self.on_frame(frame).await,
                     Ok(Some(Incoming::Relay { .. })) => Ok(()),
+                    Ok(Some(Incoming::Message(FromServer::IceServers { ice_servers, ttl_secs }))) => {
+                        self.on_ice_servers(ice_servers, ttl_secs).await
+                    }
                     Ok(Some(Incoming::Message(message))) => {
                         tracing::debug!(?message, "message from the signaling server");
                         Ok(())
@@ -179,6 +191,30 @@ impl Driver {
                 Ok(())
             }
         }
+    }
+
+    /// Fresh ICE servers: new connections use them; a connection relayed by
+    /// TURN is replaced at once (an ICE restart with the new credentials)
+    /// rather than left to die when its allocation can no longer be refreshed.
+    async fn on_ice_servers(
+        &mut self,
+        servers: Vec<IceServer>,
+        ttl_secs: u64,
+    ) -> anyhow::Result<()> {
+        let Some(config) = &self.rtc_config else {
+            return Ok(());
+        };
+        config
+            .issued
+            .set(servers.into_iter().map(Into::into).collect());
+        self.ask_ice_at = Some(Instant::now() + Duration::from_secs(ttl_secs.max(10) / 2));
+        if self.rtc.path().await == Path::Turn {
+            tracing::info!("TURN credentials refreshed; moving to a fresh connection");
+            self.switch_link(false);
+            self.reoffer_at = Some(Instant::now());
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Moves to the data channel (`up`) or back to the relay, resending
@@ -323,10 +359,12 @@ impl Driver {
                 self.send(Frame::Ping(nonce)).await?;
             }
             Command::Path(reply) => {
+                let pair = self.rtc.selected_pair().await;
                 let _ = reply.send(PathStatus {
                     path: self.rtc.path().await,
                     settled_on_relay: self.settled_on_relay,
-                    candidates: self.rtc.selected_types().await,
+                    remote_address: pair.as_ref().map(|(_, address)| address.clone()),
+                    candidates: pair.map(|(types, _)| types),
                 });
             }
         }
@@ -554,6 +592,10 @@ impl Driver {
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
+        if self.ask_ice_at.is_some_and(|at| at <= now) {
+            self.ask_ice_at = None;
+            self.link.send(&ToServer::GetIceServers {}).await?;
+        }
         // A caller that stopped waiting (its reply timed out) is forgotten.
         self.pending.retain(|_, reply| !reply.is_closed());
         if self.rtc_deadline.is_some_and(|deadline| deadline <= now) {

@@ -85,6 +85,8 @@ pub struct PathStatus {
     pub settled_on_relay: bool,
     /// The selected candidate pair's types (local, remote), once connected.
     pub candidates: Option<(String, String)>,
+    /// The remote (worker's) candidate's address, `IP:PORT`, once connected.
+    pub remote_address: Option<String>,
 }
 
 /// A session with one device.
@@ -114,9 +116,22 @@ impl Session {
         device: &DeviceId,
         rtc: Option<RtcConfig>,
     ) -> anyhow::Result<Self> {
-        let client = Client::connect(url, token, tls).await?;
+        let mut client = Client::connect(url, token, tls).await?;
+        let mut refresh_ice = None;
+        if let Some(rtc) = &rtc {
+            // Servers that hand out none answer with an empty list; older
+            // ones with an error, which changes nothing.
+            match client.ice_servers().await {
+                Ok((servers, ttl)) => {
+                    rtc.issued
+                        .set(servers.into_iter().map(Into::into).collect());
+                    refresh_ice = Some(ttl / 2);
+                }
+                Err(err) => tracing::debug!(err = format!("{err:#}"), "no ICE servers issued"),
+            }
+        }
         let (commands, queue) = mpsc::channel(256);
-        let driver = Driver::new(client.into_link(), device.to_string(), rtc);
+        let driver = Driver::new(client.into_link(), device.to_string(), rtc, refresh_ice);
         tokio::spawn(driver.run(queue));
         Ok(Self {
             commands,
