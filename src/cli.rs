@@ -28,6 +28,12 @@ enum Command {
     Devices(ClientArgs),
     /// Diagnose peer-to-peer connectivity: signaling, STUN, TURN, UDP ports.
     Doctor(crate::doctor::DoctorArgs),
+    /// An interactive terminal on a device (Ctrl-] detaches).
+    Attach(crate::remote::AttachArgs),
+    /// Run one command on a device: its output and exit code.
+    Exec(crate::remote::ExecArgs),
+    /// Serve a device's HTTP service on a local port.
+    Forward(crate::remote::ForwardArgs),
 }
 
 /// How a client command reaches the signaling server.
@@ -49,13 +55,39 @@ pub struct ClientArgs {
 }
 
 impl Cli {
-    /// Runs the chosen command until it ends or `shutdown` fires.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Runs the chosen command until it ends or `shutdown` fires; returns
+    /// the exit code (a remote program's, for `attach` and `exec`).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<i32> {
         match self.command {
-            Command::Run(args) => crate::worker::run(args.try_into()?, shutdown).await,
-            Command::Up(args) => crate::up::run(args, shutdown).await,
-            Command::Devices(args) => devices(args).await,
-            Command::Doctor(args) => doctor(args, shutdown).await,
+            Command::Run(args) => crate::worker::run(args.try_into()?, shutdown).await?,
+            Command::Up(args) => crate::up::run(args, shutdown).await?,
+            Command::Devices(args) => devices(args).await?,
+            Command::Doctor(args) => doctor(args, shutdown).await?,
+            Command::Attach(args) => return crate::remote::attach(args).await,
+            Command::Forward(args) => {
+                return tokio::select! {
+                    code = crate::remote::forward(args) => code,
+                    _ = shutdown.cancelled() => Ok(0),
+                };
+            }
+            Command::Exec(args) => {
+                // Ctrl-C gives up waiting (the command may still finish there).
+                return tokio::select! {
+                    code = crate::remote::exec(args) => code,
+                    _ = shutdown.cancelled() => Ok(130),
+                };
+            }
+        }
+        Ok(0)
+    }
+
+    /// Log filter when `RUST_LOG` is unset: client commands stay quiet (our
+    /// warnings only), so nothing lands in the middle of a remote terminal
+    /// or a command's output.
+    pub fn default_log_level(&self) -> &'static str {
+        match self.command {
+            Command::Run(_) | Command::Up(_) => "info",
+            _ => "error,cocoon=warn,cocoon_signaling=warn",
         }
     }
 }

@@ -17,6 +17,7 @@
 //! - [`client`]: authenticating and talking to the signaling server.
 //! - [`up`]: server and worker in one process for local use.
 //! - [`doctor`]: why this machine does or does not get peer-to-peer paths.
+//! - [`remote`]: `attach` and `exec`, the client commands that reach a device.
 //! - [`cli`]: the `cocoon` command line.
 //!
 //! Each floor uses only the floors below it: services know nothing of
@@ -33,6 +34,7 @@ pub mod config;
 pub mod doctor;
 pub mod identity;
 pub mod link;
+pub mod remote;
 pub mod services;
 pub mod session;
 pub mod tls;
