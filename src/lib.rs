@@ -17,7 +17,8 @@
 //! - [`client`]: authenticating and talking to the signaling server.
 //! - [`up`]: server and worker in one process for local use.
 //! - [`doctor`]: why this machine does or does not get peer-to-peer paths.
-//! - [`remote`]: `attach` and `exec`, the client commands that reach a device.
+//! - [`remote`]: `attach`, `exec` and `forward`, the client commands that reach a device.
+//! - [`kinds`]: `COCOON_KINDS`, the kinds of worker a hive spawns.
 //! - [`cli`]: the `cocoon` command line.
 //!
 //! Each floor uses only the floors below it: services know nothing of
@@ -33,6 +34,7 @@ pub mod client;
 pub mod config;
 pub mod doctor;
 pub mod identity;
+pub mod kinds;
 pub mod link;
 pub mod remote;
 pub mod services;
