@@ -34,6 +34,19 @@ enum Command {
     Exec(crate::remote::ExecArgs),
     /// Serve a device's HTTP service on a local port.
     Forward(crate::remote::ForwardArgs),
+    /// Is the worker of this data dir running and registered? (Exit 0 if so.)
+    Health(HealthArgs),
+}
+
+/// `cocoon health` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// The worker's data dir.
+    #[arg(long, env = "COCOON_DATA_DIR", default_value = "/cocoon")]
+    pub data_dir: PathBuf,
+    /// How long a worker may be reconnecting and still count as healthy.
+    #[arg(long, default_value = "60s", value_parser = cocoon_signaling::parse_duration)]
+    pub grace: std::time::Duration,
 }
 
 /// How a client command reaches the signaling server.
@@ -64,6 +77,20 @@ impl Cli {
             Command::Devices(args) => devices(args).await?,
             Command::Doctor(args) => doctor(args, shutdown).await?,
             Command::Attach(args) => return crate::remote::attach(args).await,
+            Command::Health(args) => {
+                return Ok(
+                    match crate::worker::health::check(&args.data_dir, args.grace) {
+                        Ok(status) => {
+                            println!("healthy: {status}");
+                            0
+                        }
+                        Err(problem) => {
+                            println!("unhealthy: {problem}");
+                            1
+                        }
+                    },
+                );
+            }
             Command::Forward(args) => {
                 return tokio::select! {
                     code = crate::remote::forward(args) => code,

@@ -137,3 +137,51 @@ async fn devices_lists_only_the_callers_devices() {
             || String::from_utf8_lossy(&bad.stderr).contains("InvalidToken")
     );
 }
+
+/// `cocoon health --data-dir DIR --grace GRACE`: exit code and output.
+async fn health(dir: &std::path::Path, grace: &str) -> (i32, String) {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .arg("health")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--grace", grace])
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn health_follows_the_worker() {
+    let rig = common::Rig::start(&[]).await;
+    let dir = rig.worker_dir.path().to_owned();
+    let (code, text) = health(&dir, "0s").await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.starts_with("healthy: registered"), "{text}");
+
+    // The server goes away: the worker is reconnecting, healthy only
+    // within the grace.
+    let common::Rig { server, worker, .. } = rig;
+    server.stop().await;
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let (code, text) = health(&dir, "0s").await;
+        if code == 1 {
+            assert!(text.contains("not registered"), "{text}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(health(&dir, "1h").await.0, 0);
+
+    worker.kill().await;
+    let (code, text) = health(&dir, "1h").await;
+    assert_eq!(code, 1);
+    assert!(text.contains("is not running"), "{text}");
+    let empty = tempfile::tempdir().unwrap();
+    assert_eq!(health(empty.path(), "1h").await.0, 1);
+}

@@ -26,6 +26,7 @@ use crate::services::tasks::TaskStore;
 use connection::{Ended, Node};
 
 mod connection;
+pub mod health;
 
 /// How long the worker waits for the server's answer to `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,12 +99,15 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     warn_if_plaintext(&config.url);
     println!("🔗 Connecting to signaling server: {}", config.url);
     let mut backoff = Backoff::default();
+    // Connecting from now until registered, however many tries it takes.
+    health::record(&config.data_dir, health::State::Connecting);
     loop {
         match connect_once(&config, &mut identity, tls.clone(), &mut node, &shutdown).await {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Lost) => {
                 // It had registered: the next failure starts from a short delay.
                 backoff.reset();
+                health::record(&config.data_dir, health::State::Connecting);
                 tracing::warn!("signaling connection lost");
             }
             Err(Failure::Fatal(err)) => return Err(err),
@@ -167,6 +171,7 @@ async fn connect_once(
         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
     };
     register(config, identity, &mut link).await?;
+    health::record(&config.data_dir, health::State::Registered);
     let ended = connection::serve(&mut link, node, shutdown).await;
     if matches!(ended, Ended::Shutdown) {
         link.close().await;
