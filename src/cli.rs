@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use cocoon_signaling::protocol::Secret;
 use tokio_util::sync::CancellationToken;
@@ -49,22 +50,115 @@ pub struct HealthArgs {
     pub grace: std::time::Duration,
 }
 
-/// How a client command reaches the signaling server.
+/// How a client command reaches the signaling server. Each setting comes
+/// from its flag, else its environment variable, else the config file
+/// (`~/.config/cocoon/config`, see [`ClientConfig`]).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// Signaling server WebSocket URL.
-    #[arg(
-        long,
-        env = "SIGNALING_SERVER_URL",
-        default_value = "ws://localhost:8080/ws"
-    )]
-    pub url: String,
+    /// Signaling server WebSocket URL [default: ws://localhost:8080/ws].
+    #[arg(long, env = "SIGNALING_SERVER_URL")]
+    pub url: Option<String>,
     /// Access token.
     #[arg(long, env = "COCOON_ACCESS_TOKEN", hide_env_values = true, value_parser = |s: &str| Ok::<_, String>(Secret::new(s)))]
-    pub access_token: Secret,
+    pub access_token: Option<Secret>,
     /// Extra CA certificates (PEM) to trust for wss:// URLs.
     #[arg(long, env = "COCOON_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// The client config file [default: $XDG_CONFIG_HOME/cocoon/config].
+    #[arg(long, env = "COCOON_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// Client settings, resolved.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Signaling server WebSocket URL.
+    pub url: String,
+    /// Access token.
+    pub access_token: Secret,
+    /// Extra CA certificates.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    /// Flags and environment first, then the config file: lines of
+    /// `url = …`, `access_token = …`, `ca_file = …` (`#` comments). The file
+    /// holds a token, so it must not be readable by others.
+    pub fn resolve(&self) -> anyhow::Result<ClientConfig> {
+        let path = self.config.clone().or_else(default_config_path);
+        let file = match &path {
+            Some(path) if path.exists() || self.config.is_some() => read_config(path)?,
+            _ => Default::default(),
+        };
+        let access_token = self
+            .access_token
+            .clone()
+            .or_else(|| file.get("access_token").map(|t| Secret::new(t.as_str())))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no access token: pass --access-token, set COCOON_ACCESS_TOKEN, or put \
+                     access_token = … in {}",
+                    path.map_or("~/.config/cocoon/config".into(), |p| p
+                        .display()
+                        .to_string())
+                )
+            })?;
+        Ok(ClientConfig {
+            url: self
+                .url
+                .clone()
+                .or_else(|| file.get("url").cloned())
+                .unwrap_or_else(|| "ws://localhost:8080/ws".into()),
+            access_token,
+            ca_file: self
+                .ca_file
+                .clone()
+                .or_else(|| file.get("ca_file").map(PathBuf::from)),
+        })
+    }
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".config")))?;
+    Some(base.join("cocoon").join("config"))
+}
+
+fn read_config(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "{} holds a token but others may read it (mode {:o}): chmod 600 it",
+        path.display(),
+        mode & 0o777
+    );
+    let mut settings = std::collections::BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .with_context(|| format!("{}:{}: expected key = value", path.display(), n + 1))?;
+        let key = key.trim();
+        anyhow::ensure!(
+            matches!(key, "url" | "access_token" | "ca_file"),
+            "{}:{}: unknown setting {key:?} (url, access_token, ca_file)",
+            path.display(),
+            n + 1
+        );
+        let value = value.trim().trim_matches('"');
+        settings.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(settings)
 }
 
 impl Cli {
@@ -137,6 +231,7 @@ async fn doctor(
 }
 
 async fn devices(args: ClientArgs) -> anyhow::Result<()> {
+    let args = args.resolve()?;
     let tls = crate::tls::client_config(args.ca_file.as_deref())?;
     let mut client = Client::connect(&args.url, &args.access_token, tls).await?;
     let devices = client.list_devices().await?;

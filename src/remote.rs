@@ -100,6 +100,7 @@ fn parse_forward(text: &str) -> Result<(u16, String), String> {
 
 /// Opens a session with the device `name` names.
 async fn open(client: &ClientArgs, rtc: &RtcArgs, name: &str) -> anyhow::Result<Session> {
+    let client = client.resolve()?;
     let tls = crate::tls::client_config(client.ca_file.as_deref())?;
     let mut lister = Client::connect(&client.url, &client.access_token, tls.clone()).await?;
     let devices = lister.list_devices().await?;

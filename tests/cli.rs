@@ -185,3 +185,59 @@ async fn health_follows_the_worker() {
     let empty = tempfile::tempdir().unwrap();
     assert_eq!(health(empty.path(), "1h").await.0, 1);
 }
+
+#[tokio::test]
+async fn client_settings_come_from_a_private_config_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let rig = Rig::start(&[]).await;
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("cocoon").join("config");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    let token = rig.server.token(TokenKind::Access, "alice");
+    std::fs::write(
+        &config,
+        format!(
+            "# written by hand\nurl = \"{}\"\naccess_token = {}\n",
+            rig.server.url(),
+            token.expose()
+        ),
+    )
+    .unwrap();
+    let devices = || {
+        Command::new(env!("CARGO_BIN_EXE_cocoon"))
+            .arg("devices")
+            .env("XDG_CONFIG_HOME", home.path())
+            .env_remove("SIGNALING_SERVER_URL")
+            .env_remove("COCOON_ACCESS_TOKEN")
+            .output()
+    };
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open = devices().await.unwrap();
+    assert!(!open.status.success());
+    assert!(String::from_utf8_lossy(&open.stderr).contains("chmod 600"));
+
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let listed = devices().await.unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(rig.device_id.as_str()));
+
+    // Flags and the environment come first: a bad token in the environment
+    // wins over the good one in the file.
+    let overridden = Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .arg("devices")
+        .env("XDG_CONFIG_HOME", home.path())
+        .env("COCOON_ACCESS_TOKEN", "not-a-token")
+        .output()
+        .await
+        .unwrap();
+    assert!(!overridden.status.success());
+
+    let nowhere = Command::new(env!("CARGO_BIN_EXE_cocoon"))
+        .arg("devices")
+        .env("XDG_CONFIG_HOME", tempfile::tempdir().unwrap().path())
+        .env_remove("COCOON_ACCESS_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&nowhere.stderr).contains("no access token"));
+}
