@@ -37,6 +37,12 @@ enum Command {
     Forward(crate::remote::ForwardArgs),
     /// Is the worker of this data dir running and registered? (Exit 0 if so.)
     Health(HealthArgs),
+    /// Run the worker as a user service (systemd on Linux, launchd on macOS).
+    Service {
+        /// What to do.
+        #[command(subcommand)]
+        action: crate::service::Action,
+    },
 }
 
 /// `cocoon health` options.
@@ -171,6 +177,7 @@ impl Cli {
             Command::Devices(args) => devices(args).await?,
             Command::Doctor(args) => doctor(args, shutdown).await?,
             Command::Attach(args) => return crate::remote::attach(args).await,
+            Command::Service { action } => return crate::service::run(action),
             Command::Health(args) => {
                 return Ok(
                     match crate::worker::health::check(&args.data_dir, args.grace) {

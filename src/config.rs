@@ -31,6 +31,10 @@ pub struct WorkerArgs {
     /// environment variable: flags show in process lists.
     #[arg(long, env = "COCOON_SECRET", hide_env_values = true, value_parser = parse_secret)]
     pub secret: Option<Secret>,
+    /// A file holding the secret (what `cocoon service` installs), used when
+    /// COCOON_SECRET is unset.
+    #[arg(long, env = "COCOON_SECRET_FILE", conflicts_with = "secret")]
+    pub secret_file: Option<PathBuf>,
     /// Setup token that claims this worker for its owner.
     #[arg(long = "token", env = "COCOON_SETUP_TOKEN", hide_env_values = true, value_parser = parse_secret)]
     pub setup_token: Option<Secret>,

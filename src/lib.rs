@@ -19,6 +19,7 @@
 //! - [`doctor`]: why this machine does or does not get peer-to-peer paths.
 //! - [`remote`]: `attach`, `exec` and `forward`, the client commands that reach a device.
 //! - [`kinds`]: `COCOON_KINDS`, the kinds of worker a hive spawns.
+//! - [`service`]: the worker as a systemd user unit or a launchd agent.
 //! - [`cli`]: the `cocoon` command line.
 //!
 //! Each floor uses only the floors below it: services know nothing of
@@ -37,6 +38,7 @@ pub mod identity;
 pub mod kinds;
 pub mod link;
 pub mod remote;
+pub mod service;
 pub mod services;
 pub mod session;
 pub mod tls;

@@ -68,9 +68,17 @@ impl TryFrom<WorkerArgs> for WorkerConfig {
     fn try_from(args: WorkerArgs) -> anyhow::Result<Self> {
         let queries = args.limits.query_config(&args.data_dir);
         let rtc = args.rtc.config()?;
+        let secret = match (&args.secret, &args.secret_file) {
+            (None, Some(file)) => Some(Secret::new(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read the secret file {}", file.display()))?
+                    .trim(),
+            )),
+            _ => args.secret,
+        };
         Ok(Self {
             url: args.url,
-            secret: args.secret,
+            secret,
             setup_token: args.setup_token,
             name: args.name,
             services: args.services,
