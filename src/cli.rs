@@ -177,20 +177,22 @@ impl Cli {
             Command::Devices(args) => devices(args).await?,
             Command::Doctor(args) => doctor(args, shutdown).await?,
             Command::Attach(args) => return crate::remote::attach(args).await,
-            Command::Service { action } => return crate::service::run(action),
+            Command::Service { action } => {
+                // Files and systemctl/launchctl: blocking work, off the runtime.
+                return tokio::task::spawn_blocking(move || crate::service::run(action)).await?;
+            }
             Command::Health(args) => {
-                return Ok(
-                    match crate::worker::health::check(&args.data_dir, args.grace) {
-                        Ok(status) => {
-                            println!("healthy: {status}");
-                            0
-                        }
-                        Err(problem) => {
-                            println!("unhealthy: {problem}");
-                            1
-                        }
-                    },
-                );
+                let check = move || crate::worker::health::check(&args.data_dir, args.grace);
+                return Ok(match tokio::task::spawn_blocking(check).await? {
+                    Ok(status) => {
+                        println!("healthy: {status}");
+                        0
+                    }
+                    Err(problem) => {
+                        println!("unhealthy: {problem}");
+                        1
+                    }
+                });
             }
             Command::Forward(args) => {
                 return tokio::select! {

@@ -17,6 +17,7 @@ use cocoon_signaling::protocol::service::{
     AttachPty, Encoding, Execute, HeaderValues, Headers, ProxyHttp, Request, Response,
 };
 use nix::sys::termios::{self, SetArg, Termios};
+use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::ClientArgs;
@@ -368,10 +369,12 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
     let input = if std::io::stdin().is_terminal() {
         None
     } else {
+        // Read to the end, so no read is left pending at exit.
         let mut bytes = Vec::new();
-        std::io::stdin()
+        tokio::io::stdin()
             .take(MAX_EXEC_INPUT as u64 + 1)
             .read_to_end(&mut bytes)
+            .await
             .context("cannot read stdin")?;
         anyhow::ensure!(
             bytes.len() <= MAX_EXEC_INPUT,

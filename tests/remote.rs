@@ -174,10 +174,23 @@ async fn attach_is_a_terminal_with_resize_detach_and_exit_codes() {
     tmux.wait_for("100 columns", |line| line == "100").await;
     tmux.run(&["resize-window", "-t", "t", "-x", "72", "-y", "20"])
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tmux.run(&["send-keys", "-t", "t", "tput cols", "Enter"])
-        .await;
-    tmux.wait_for("72 columns", |line| line == "72").await;
+    // The new size travels to the remote terminal on its own schedule: ask
+    // again until the program sees it.
+    let deadline = Instant::now() + common::DEADLINE;
+    loop {
+        tmux.run(&["send-keys", "-t", "t", "clear; tput cols", "Enter"])
+            .await;
+        tmux.wait_for("prompt", |line| line.starts_with("READY$"))
+            .await;
+        let screen = tmux.screen().await;
+        if screen.lines().any(|line| line.trim_end() == "72") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resize never arrived:\n{screen}"
+        );
+    }
     // Ctrl-] detaches: attach exits 0, the shell lives on.
     tmux.run(&["send-keys", "-t", "t", "C-]"]).await;
     tmux.wait_for("detach", |line| line == "EXIT=0").await;

@@ -34,20 +34,23 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Records a state change (atomically; a failure is only logged).
-pub fn record(data_dir: &Path, state: State) {
+/// Records a state change (atomically, fsynced on a blocking thread; a
+/// failure is only logged).
+pub async fn record(data_dir: &Path, state: State) {
     let record = Record {
         state,
         since: now(),
         pid: std::process::id(),
     };
     let json = serde_json::to_vec(&record).expect("records serialize");
-    if let Err(err) = cocoon_signaling::files::write_private(&data_dir.join(FILE), &json) {
-        tracing::warn!(
-            err = format!("{err:#}"),
-            "cannot record the worker's health"
-        );
-    }
+    let path = data_dir.join(FILE);
+    let write = move || cocoon_signaling::files::write_private(&path, &json);
+    let failure = match tokio::task::spawn_blocking(write).await {
+        Ok(Ok(())) => return,
+        Ok(Err(err)) => format!("{err:#}"),
+        Err(err) => err.to_string(),
+    };
+    tracing::warn!(err = failure, "cannot record the worker's health");
 }
 
 /// Healthy: the worker of `data_dir` runs and is registered, or has been
@@ -86,15 +89,15 @@ pub fn check(data_dir: &Path, grace: Duration) -> Result<String, String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn registered_is_healthy_and_a_long_wait_is_not() {
+    #[tokio::test]
+    async fn registered_is_healthy_and_a_long_wait_is_not() {
         let dir = tempfile::tempdir().unwrap();
         assert!(
             check(dir.path(), Duration::ZERO)
                 .unwrap_err()
                 .contains("no worker state")
         );
-        record(dir.path(), State::Connecting);
+        record(dir.path(), State::Connecting).await;
         assert!(check(dir.path(), Duration::from_secs(60)).is_ok());
         let stale = Record {
             state: State::Connecting,
@@ -107,7 +110,7 @@ mod tests {
                 .unwrap_err()
                 .contains("120 s")
         );
-        record(dir.path(), State::Registered);
+        record(dir.path(), State::Registered).await;
         assert!(
             check(dir.path(), Duration::ZERO)
                 .unwrap()

@@ -108,14 +108,14 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     println!("🔗 Connecting to signaling server: {}", config.url);
     let mut backoff = Backoff::default();
     // Connecting from now until registered, however many tries it takes.
-    health::record(&config.data_dir, health::State::Connecting);
+    health::record(&config.data_dir, health::State::Connecting).await;
     loop {
         match connect_once(&config, &mut identity, tls.clone(), &mut node, &shutdown).await {
             Ok(Ended::Shutdown) => return Ok(()),
             Ok(Ended::Lost) => {
                 // It had registered: the next failure starts from a short delay.
                 backoff.reset();
-                health::record(&config.data_dir, health::State::Connecting);
+                health::record(&config.data_dir, health::State::Connecting).await;
                 tracing::warn!("signaling connection lost");
             }
             Err(Failure::Fatal(err)) => return Err(err),
@@ -179,7 +179,7 @@ async fn connect_once(
         _ = shutdown.cancelled() => return Ok(Ended::Shutdown),
     };
     register(config, identity, &mut link).await?;
-    health::record(&config.data_dir, health::State::Registered);
+    health::record(&config.data_dir, health::State::Registered).await;
     let ended = connection::serve(&mut link, node, shutdown).await;
     if matches!(ended, Ended::Shutdown) {
         link.close().await;

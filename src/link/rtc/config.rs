@@ -165,7 +165,9 @@ pub fn parse_network(text: &str) -> Result<(IpAddr, u8), String> {
     Ok((ip, prefix))
 }
 
-pub(super) fn in_network(ip: IpAddr, (net, prefix): (IpAddr, u8)) -> bool {
+/// Whether `ip` lies in the network `(address, prefix length)`; the two
+/// address families never match each other.
+pub fn in_network(ip: IpAddr, (net, prefix): (IpAddr, u8)) -> bool {
     match (ip, net) {
         (IpAddr::V4(ip), IpAddr::V4(net)) => {
             let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
@@ -214,6 +216,12 @@ mod tests {
             "::1".parse().unwrap(),
             parse_network("::1/128").unwrap()
         ));
+        let any = parse_network("0.0.0.0/0").unwrap();
+        assert!(in_network("10.9.9.9".parse().unwrap(), any));
+        assert!(
+            !in_network("::1".parse().unwrap(), any),
+            "families never mix"
+        );
         assert!(parse_network("10.0.0.0/33").is_err());
         assert!(parse_network("nope").is_err());
     }

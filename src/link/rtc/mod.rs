@@ -11,7 +11,7 @@ use anyhow::Context;
 use cocoon_signaling::protocol::service::IceCandidate;
 use webrtc::data_channel::RTCDataChannel;
 
-pub use config::{IceServer, IssuedIce, RtcConfig, parse_ice_servers, parse_network};
+pub use config::{IceServer, IssuedIce, RtcConfig, in_network, parse_ice_servers, parse_network};
 pub use peer::{CHANNEL_LABEL, ChannelSender, Events, RtcEvent, RtcPeer};
 
 /// Which path carries a session's frames.

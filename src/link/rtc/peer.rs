@@ -17,6 +17,7 @@ use webrtc::ice::mdns::MulticastDnsMode;
 use webrtc::ice::network_type::NetworkType;
 use webrtc::ice::udp_network::{EphemeralUDP, UDPNetwork};
 use webrtc::ice_transport::ice_candidate::RTCIceCandidateInit;
+use webrtc::ice_transport::ice_candidate_pair::RTCIceCandidatePair;
 use webrtc::ice_transport::ice_candidate_type::RTCIceCandidateType;
 use webrtc::ice_transport::ice_server::RTCIceServer;
 use webrtc::peer_connection::RTCPeerConnection;
@@ -212,13 +213,7 @@ impl RtcPeer {
     /// The kind of path in use: `Some(true)` through a TURN relay,
     /// `Some(false)` direct, `None` when no pair is selected.
     pub async fn relayed(&self) -> Option<bool> {
-        let pair = self
-            .pc
-            .sctp()
-            .transport()
-            .ice_transport()
-            .get_selected_candidate_pair()
-            .await?;
+        let pair = self.selected().await?;
         Some(
             pair.local.typ == RTCIceCandidateType::Relay
                 || pair.remote.typ == RTCIceCandidateType::Relay,
@@ -228,17 +223,20 @@ impl RtcPeer {
     /// The selected pair's candidate types, e.g. `("host", "host")`, and
     /// the remote candidate's address (`IP:PORT`).
     pub async fn selected_pair(&self) -> Option<((String, String), String)> {
-        let pair = self
-            .pc
-            .sctp()
-            .transport()
-            .ice_transport()
-            .get_selected_candidate_pair()
-            .await?;
+        let pair = self.selected().await?;
         Some((
             (pair.local.typ.to_string(), pair.remote.typ.to_string()),
             format!("{}:{}", pair.remote.address, pair.remote.port),
         ))
+    }
+
+    async fn selected(&self) -> Option<RTCIceCandidatePair> {
+        self.pc
+            .sctp()
+            .transport()
+            .ice_transport()
+            .get_selected_candidate_pair()
+            .await
     }
 
     /// Closes the connection.
