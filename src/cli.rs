@@ -43,6 +43,28 @@ enum Command {
         #[command(subcommand)]
         action: crate::service::Action,
     },
+    /// Start a worker in a container: `cocoon start docker` (or podman).
+    Start(crate::start::StartArgs),
+    /// List the worker containers cocoon started.
+    Ls(crate::start::LsArgs),
+    /// Show a worker container's log.
+    Logs(crate::start::LogsArgs),
+    /// Stop a worker container.
+    Stop(crate::start::NameArgs),
+    /// Restart a worker container.
+    Restart(crate::start::NameArgs),
+    /// Remove a worker container (and with --volume, its identity).
+    Rm(crate::start::RmArgs),
+    /// Run a hive: start workers of configured kinds for your clients.
+    Hive(crate::hive::HiveCommand),
+    /// Inside a container: store the secret and setup token read from stdin
+    /// in the data dir (what `cocoon start` uses).
+    #[command(hide = true)]
+    Seed {
+        /// The worker's data dir.
+        #[arg(long, env = "COCOON_DATA_DIR", default_value = "/cocoon")]
+        data_dir: PathBuf,
+    },
 }
 
 /// `cocoon health` options.
@@ -200,6 +222,21 @@ impl Cli {
                     _ = shutdown.cancelled() => Ok(0),
                 };
             }
+            Command::Start(args) => crate::start::start(args).await?,
+            Command::Ls(args) => crate::start::list(args).await?,
+            Command::Logs(args) => return crate::start::logs(args).await,
+            Command::Stop(args) => crate::start::stop(args).await?,
+            Command::Restart(args) => crate::start::restart(args).await?,
+            Command::Rm(args) => crate::start::remove(args).await?,
+            Command::Hive(command) => return crate::hive::run(command, shutdown).await,
+            Command::Seed { data_dir } => {
+                tokio::task::spawn_blocking(move || {
+                    let mut input = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
+                    crate::container::store_seed(&data_dir, &input)
+                })
+                .await??;
+            }
             Command::Exec(args) => {
                 // Ctrl-C gives up waiting (the command may still finish there).
                 return tokio::select! {
@@ -217,6 +254,7 @@ impl Cli {
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
             Command::Run(_) | Command::Up(_) => "info",
+            Command::Hive(ref command) if command.is_server() => "info",
             _ => "error,cocoon=warn,cocoon_signaling=warn",
         }
     }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cocoon_signaling::protocol::{
-    ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, IceServer, Secret, ToServer, UserId,
+    ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, HiveInfo, IceServer, Secret, ToServer,
+    UserId,
 };
 use serde_json::Value;
 
@@ -90,6 +91,58 @@ impl Client {
                 other => return Err(unexpected(other)),
             }
         }
+    }
+
+    /// The owner's online hives.
+    pub async fn list_hives(&mut self) -> anyhow::Result<Vec<HiveInfo>> {
+        self.link.send(&ToServer::ListHives {}).await?;
+        loop {
+            match recv_reply(&mut self.link).await? {
+                FromServer::HiveList { hives } => return Ok(hives),
+                FromServer::DeviceStatus { .. } | FromServer::SyncData { .. } => continue,
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    /// Sends a request for a hive and waits up to `timeout` for the answer
+    /// carrying `request_id` (an error reply fails it).
+    pub async fn hive_call(
+        &mut self,
+        message: ToServer,
+        request_id: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<FromServer> {
+        self.link.send(&message).await?;
+        let wait = async {
+            loop {
+                let message = self
+                    .link
+                    .recv()
+                    .await?
+                    .context("the server closed the connection")?;
+                match message {
+                    FromServer::SpawnCocoonResult {
+                        request_id: ref r, ..
+                    }
+                    | FromServer::TerminateCocoonResult {
+                        request_id: ref r, ..
+                    }
+                    | FromServer::CocoonList {
+                        request_id: ref r, ..
+                    } if r == request_id => {
+                        return Ok(message);
+                    }
+                    FromServer::Error { code, message } => {
+                        return Err(ServerError { code, message }.into());
+                    }
+                    _ => continue,
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .context("no answer from the hive in time")?
     }
 
     /// Sends a payload to a device (`None`: the selected or only device).

@@ -38,6 +38,10 @@ pub struct WorkerArgs {
     /// Setup token that claims this worker for its owner.
     #[arg(long = "token", env = "COCOON_SETUP_TOKEN", hide_env_values = true, value_parser = parse_secret)]
     pub setup_token: Option<Secret>,
+    /// A file holding the setup token (what `cocoon start` puts in the
+    /// container's volume), used when COCOON_SETUP_TOKEN is unset.
+    #[arg(long, env = "COCOON_SETUP_TOKEN_FILE", conflicts_with = "setup_token")]
+    pub setup_token_file: Option<PathBuf>,
     /// Name shown in device lists.
     #[arg(long, env = "COCOON_NAME")]
     pub name: Option<String>,
@@ -75,10 +79,10 @@ pub struct RtcArgs {
     #[arg(long, env = "WEBRTC_ICE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub ice_timeout: Duration,
     /// Turn WebRTC off: everything goes through the signaling relay.
-    #[arg(long, env = "COCOON_NO_WEBRTC")]
+    #[arg(long, env = "COCOON_NO_WEBRTC", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_webrtc: bool,
     /// Offer loopback candidates (one-machine setups, tests).
-    #[arg(long, env = "COCOON_WEBRTC_LOOPBACK")]
+    #[arg(long, env = "COCOON_WEBRTC_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new())]
     pub webrtc_loopback: bool,
     /// Gather candidates only on these addresses or networks (CIDR, comma-separated).
     #[arg(long, env = "COCOON_WEBRTC_NETWORKS", value_delimiter = ',')]
@@ -90,11 +94,11 @@ pub struct RtcArgs {
     #[arg(long, env = "COCOON_WEBRTC_NAT_IPS", value_delimiter = ',')]
     pub webrtc_nat_ips: Vec<String>,
     /// Use only TURN relay candidates.
-    #[arg(long, env = "COCOON_WEBRTC_RELAY_ONLY")]
+    #[arg(long, env = "COCOON_WEBRTC_RELAY_ONLY", value_parser = clap::builder::BoolishValueParser::new())]
     pub webrtc_relay_only: bool,
     /// Strict: no terminal or service traffic through the signaling relay
     /// until a data channel opens or the ICE timeout passes.
-    #[arg(long, env = "COCOON_STRICT_P2P")]
+    #[arg(long, env = "COCOON_STRICT_P2P", value_parser = clap::builder::BoolishValueParser::new())]
     pub strict_p2p: bool,
 }
 

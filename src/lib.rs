@@ -19,6 +19,8 @@
 //! - [`doctor`]: why this machine does or does not get peer-to-peer paths.
 //! - [`remote`]: `attach`, `exec` and `forward`, the client commands that reach a device.
 //! - [`kinds`]: `COCOON_KINDS`, the kinds of worker a hive spawns.
+//! - [`hive`]: the hive that starts workers of those kinds on request.
+//! - [`container`], [`start`]: workers in Docker or Podman containers.
 //! - [`service`]: the worker as a systemd user unit or a launchd agent.
 //! - [`cli`]: the `cocoon` command line.
 //!
@@ -33,7 +35,9 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod container;
 pub mod doctor;
+pub mod hive;
 pub mod identity;
 pub mod kinds;
 pub mod link;
@@ -41,6 +45,7 @@ pub mod remote;
 pub mod service;
 pub mod services;
 pub mod session;
+pub mod start;
 pub mod tls;
 pub mod up;
 pub mod worker;

@@ -125,7 +125,7 @@ fn has_index(dir: &Path) -> bool {
     dir.join("index.html").is_file()
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_owned())

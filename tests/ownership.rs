@@ -124,6 +124,7 @@ async fn forged_expired_and_misused_tokens_are_refused() {
         kind: TokenKind::Access,
         iat: unix_now() - 100,
         exp: unix_now() - 10,
+        spawn: None,
     });
     assert_eq!(
         connect_err(&server, &expired).await,
@@ -157,6 +158,7 @@ async fn forged_expired_and_misused_tokens_are_refused() {
             kind: TokenKind::Setup,
             iat: 0,
             exp: unix_now() - 1,
+            spawn: None,
         })),
     ] {
         let mut device = RawPeer::connect(&server.url()).await;

@@ -22,6 +22,8 @@ pub enum TokenKind {
     Access,
     /// Lets a worker be claimed by the owner when it registers.
     Setup,
+    /// Lets a hive register and spawn workers for the owner.
+    Hive,
 }
 
 /// The claims cocoon puts in a token.
@@ -35,6 +37,10 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at, Unix seconds.
     pub exp: u64,
+    /// On setup tokens the server minted for a hive: the spawn it belongs
+    /// to. Such a token claims one device, once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<String>,
 }
 
 /// Why a token was refused.
@@ -94,6 +100,7 @@ impl TokenKey {
             kind,
             iat,
             exp: iat.saturating_add(ttl.as_secs()),
+            spawn: None,
         })
     }
 
@@ -198,6 +205,7 @@ mod tests {
                 kind: TokenKind::Access,
                 iat: 0,
                 exp: u64::MAX,
+                spawn: None,
             })
             .unwrap(),
         );
@@ -222,6 +230,7 @@ mod tests {
                 kind: TokenKind::Access,
                 iat: 0,
                 exp: u64::MAX,
+                spawn: None,
             })
             .unwrap(),
         );
@@ -242,6 +251,7 @@ mod tests {
             kind: TokenKind::Access,
             iat: 1,
             exp: unix_now() - 1,
+            spawn: None,
         });
         assert_eq!(
             key().verify(&token, TokenKind::Access),

@@ -12,6 +12,7 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::hive::{Ask, HiveGuard, HiveRequest};
 use crate::hub::{ClientGuard, DeviceGuard, Hub, OUTBOX_CAPACITY, Outbound, Outbox, Reject};
 use crate::protocol::{
     ClientId, DeviceId, ErrorCode, FromServer, ToServer, decode_relay, decode_to_server,
@@ -43,6 +44,7 @@ enum Role {
     Pending,
     Worker(DeviceGuard),
     Client(ClientGuard),
+    Hive(HiveGuard),
 }
 
 /// Serves one upgraded socket until it closes or the server shuts down.
@@ -123,6 +125,7 @@ pub async fn serve(
             },
             Role::Worker(device) => from_worker(device, &outbox, message),
             Role::Client(client) => from_client(client, &outbox, message).await,
+            Role::Hive(hive) => from_hive(hive, &outbox, message).await,
         };
         match handled {
             Ok(()) => {}
@@ -158,13 +161,19 @@ async fn relay(role: &mut Role, message: bytes::Bytes) -> Result<(), Reject> {
     match role {
         Role::Pending => Err(Reject {
             code: ErrorCode::NotAuthenticated,
-            message: "send register (workers) or authenticate (clients) first".into(),
+            message:
+                "send register (workers), authenticate (clients) or register_hive (hives) first"
+                    .into(),
         }),
         Role::Worker(device) => device.relay_to_client(&ClientId::new(address), &frame),
         Role::Client(client) => {
             let device_id = (!address.is_empty()).then(|| DeviceId::new(address));
             client.relay_to_device(device_id, &frame).await
         }
+        Role::Hive(_) => Err(Reject {
+            code: ErrorCode::InvalidMessage,
+            message: "hives do not relay session frames".into(),
+        }),
     }
 }
 
@@ -227,9 +236,28 @@ async fn handshake(
             *role = Role::Client(guard);
             Ok(())
         }
+        ToServer::RegisterHive {
+            hive_token,
+            name,
+            kinds,
+        } => {
+            let guard = hub.register_hive(outbox.clone(), &hive_token, name, kinds)?;
+            tracing::info!(hive = %guard.name, owner = %guard.owner, "hive registered");
+            send(
+                outbox,
+                FromServer::HiveRegistered {
+                    name: guard.name.clone(),
+                    owner: guard.owner.clone(),
+                },
+            );
+            *role = Role::Hive(guard);
+            Ok(())
+        }
         _ => Err(Reject {
             code: ErrorCode::NotAuthenticated,
-            message: "send register (workers) or authenticate (clients) first".into(),
+            message:
+                "send register (workers), authenticate (clients) or register_hive (hives) first"
+                    .into(),
         }),
     }
 }
@@ -251,11 +279,10 @@ fn from_worker(device: &DeviceGuard, outbox: &Outbox, message: ToServer) -> Resu
             code: ErrorCode::InvalidMessage,
             message: "a worker's sync_data must name its client_id".into(),
         }),
-        ToServer::Register { .. } | ToServer::Authenticate { .. } => Err(already()),
-        ToServer::ListDevices {} | ToServer::SelectDevice { .. } => Err(Reject {
-            code: ErrorCode::InvalidMessage,
-            message: "only clients list and select devices".into(),
-        }),
+        ToServer::Register { .. }
+        | ToServer::Authenticate { .. }
+        | ToServer::RegisterHive { .. } => Err(already()),
+        _ => Err(not_for("workers")),
     }
 }
 
@@ -282,7 +309,135 @@ async fn from_client(
         ToServer::SyncData {
             payload, device_id, ..
         } => client.send_to_device(device_id, payload).await,
-        ToServer::Register { .. } | ToServer::Authenticate { .. } => Err(already()),
+        ToServer::ListHives {} => {
+            let hives = client.hub().list_hives(&client.owner);
+            send(outbox, FromServer::HiveList { hives });
+            Ok(())
+        }
+        ToServer::SpawnCocoon {
+            request_id,
+            kind,
+            name,
+            setup_token,
+            hive,
+        } => {
+            if let Some(token) = setup_token {
+                client.check_own_setup_token(&token)?;
+            }
+            let (hub, owner, client_id) = (client.hub(), &client.owner, &client.client_id);
+            let request = HiveRequest {
+                owner,
+                client_id,
+                hive: hive.as_deref(),
+                ask: Ask::Spawn,
+                request_id: &request_id,
+                kind: Some(&kind),
+            };
+            hub.ask_hive(request, |hive| {
+                let (setup_token, spawn_id) = hub.issue_spawn_token(owner, hive)?;
+                Ok(FromServer::SpawnCocoon {
+                    request_id: request_id.clone(),
+                    client_id: client_id.clone(),
+                    kind: kind.clone(),
+                    name,
+                    setup_token,
+                    spawn_id,
+                })
+            })
+        }
+        ToServer::TerminateCocoon {
+            request_id,
+            service_name,
+            hive,
+        } => client.hub().ask_hive(
+            client.hive_request(hive.as_deref(), Ask::Terminate, &request_id),
+            |_| {
+                Ok(FromServer::TerminateCocoon {
+                    request_id: request_id.clone(),
+                    client_id: client.client_id.clone(),
+                    service_name,
+                })
+            },
+        ),
+        ToServer::ListCocoons { request_id, hive } => client.hub().ask_hive(
+            client.hive_request(hive.as_deref(), Ask::List, &request_id),
+            |_| {
+                Ok(FromServer::ListCocoons {
+                    request_id: request_id.clone(),
+                    client_id: client.client_id.clone(),
+                })
+            },
+        ),
+        ToServer::Register { .. }
+        | ToServer::Authenticate { .. }
+        | ToServer::RegisterHive { .. } => Err(already()),
+        _ => Err(not_for("clients")),
+    }
+}
+
+async fn from_hive(hive: &HiveGuard, outbox: &Outbox, message: ToServer) -> Result<(), Reject> {
+    let hive_name = hive.name.clone();
+    match message {
+        ToServer::SpawnCocoonResult {
+            request_id,
+            client_id,
+            success,
+            service_name,
+            device_id,
+            error,
+        } => {
+            let reply = FromServer::SpawnCocoonResult {
+                request_id: request_id.clone(),
+                hive: hive_name,
+                success,
+                service_name,
+                device_id,
+                error,
+            };
+            hive.answer(client_id, request_id, Ask::Spawn, reply).await
+        }
+        ToServer::TerminateCocoonResult {
+            request_id,
+            client_id,
+            success,
+            error,
+        } => {
+            let reply = FromServer::TerminateCocoonResult {
+                request_id: request_id.clone(),
+                hive: hive_name,
+                success,
+                error,
+            };
+            hive.answer(client_id, request_id, Ask::Terminate, reply)
+                .await
+        }
+        ToServer::CocoonList {
+            request_id,
+            client_id,
+            cocoons,
+        } => {
+            let reply = FromServer::CocoonList {
+                request_id: request_id.clone(),
+                hive: hive_name,
+                cocoons,
+            };
+            hive.answer(client_id, request_id, Ask::List, reply).await
+        }
+        ToServer::IssueSetupToken { request_id } => {
+            send(outbox, hive.issue_setup_token(request_id)?);
+            Ok(())
+        }
+        ToServer::Register { .. }
+        | ToServer::Authenticate { .. }
+        | ToServer::RegisterHive { .. } => Err(already()),
+        _ => Err(not_for("hives")),
+    }
+}
+
+fn not_for(role: &str) -> Reject {
+    Reject {
+        code: ErrorCode::InvalidMessage,
+        message: format!("this message type is not for {role}"),
     }
 }
 

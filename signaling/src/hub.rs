@@ -15,7 +15,8 @@ use rand::RngCore;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::auth::{TokenError, TokenKey, TokenKind};
+use crate::auth::{Claims, TokenError, TokenKey, TokenKind};
+use crate::hive::{Ask, HiveRequest, HiveRoutes};
 use crate::ice::IceSettings;
 use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
 use crate::limit::FailureLimiter;
@@ -95,9 +96,19 @@ struct ClientRoute {
 }
 
 #[derive(Default)]
-struct Routes {
+pub(crate) struct Routes {
     devices: HashMap<DeviceId, DeviceRoute>,
     clients: HashMap<ClientId, ClientRoute>,
+    pub(crate) hive: HiveRoutes,
+}
+
+impl Routes {
+    /// A connected client's outbox.
+    pub(crate) fn client_outbox(&self, client_id: &ClientId) -> Option<Outbox> {
+        self.clients
+            .get(client_id)
+            .map(|route| route.outbox.clone())
+    }
 }
 
 /// Shared state of one signaling server.
@@ -165,6 +176,20 @@ impl Hub {
             failures: Mutex::default(),
             ice,
         }
+    }
+
+    pub(crate) fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap()
+    }
+
+    pub(crate) fn next_conn(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `owner` owns `device_id`.
+    pub(crate) async fn owns(&self, owner: &UserId, device_id: &DeviceId) -> Result<bool, Reject> {
+        let record = self.store.get(device_id).await.map_err(Reject::internal)?;
+        Ok(record.and_then(|r| r.owner).as_ref() == Some(owner))
     }
 
     /// The `ice_servers` reply for a device or an owner.
@@ -257,8 +282,8 @@ impl Hub {
                 }
             }
         }
-        let (owner, notice) = self.settle_owner(&expected, setup_token).await?;
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (owner, notice, spawn) = self.settle_owner(&expected, setup_token).await?;
+        let conn = self.next_conn();
         let replaced = {
             let mut routes = self.routes.lock().unwrap();
             let old = routes.devices.insert(
@@ -281,6 +306,9 @@ impl Hub {
                 "a newer registration of this device took over",
             )));
         }
+        if let (Some(owner), Some((hive, spawn_id))) = (&owner, spawn) {
+            self.spawn_registered(owner, &hive, spawn_id, expected.clone());
+        }
         let guard = DeviceGuard {
             hub: self.clone(),
             device_id: expected,
@@ -291,16 +319,40 @@ impl Hub {
     }
 
     /// Claims the device with the setup token (or for the development owner)
-    /// and returns its owner. A bad setup token does not fail the
-    /// registration: a worker keeps its token in its environment long after
-    /// the claim, when the token has expired.
+    /// and returns its owner, and the hive and spawn id when a hive's spawn
+    /// token claimed it. A bad setup token does not fail the registration: a
+    /// worker keeps its token in its environment long after the claim, when
+    /// the token has expired.
     async fn settle_owner(
         &self,
         device_id: &DeviceId,
         setup_token: Option<&Secret>,
-    ) -> Result<(Option<UserId>, Option<Reject>), Reject> {
+    ) -> Result<(Option<UserId>, Option<Reject>, Option<(String, String)>), Reject> {
         let mut notice = None;
+        let mut spawn = None;
         let claimant = match setup_token.map(|t| self.tokens.verify(t.expose(), TokenKind::Setup)) {
+            Some(Ok(Claims {
+                sub,
+                spawn: Some(spawn_id),
+                ..
+            })) => match self.take_spawn(&spawn_id, &sub) {
+                Some(hive) => {
+                    spawn = Some((hive, spawn_id));
+                    Some(sub)
+                }
+                // A used spawn token claims nothing more; the worker it
+                // claimed reconnects with it harmlessly.
+                None => {
+                    if !self.owns(&sub, device_id).await? {
+                        notice = Some(Reject::new(
+                            ErrorCode::InvalidToken,
+                            "setup token refused (this spawn token was already used); \
+                             the device was not claimed",
+                        ));
+                    }
+                    None
+                }
+            },
             Some(Ok(claims)) => Some(claims.sub),
             Some(Err(err)) => {
                 let reject = Reject::from(err);
@@ -317,7 +369,7 @@ impl Hub {
         };
         let Some(claimant) = claimant.or_else(|| self.dev_owner.clone()) else {
             let record = self.store.get(device_id).await.map_err(Reject::internal)?;
-            return Ok((record.and_then(|r| r.owner), notice));
+            return Ok((record.and_then(|r| r.owner), notice, None));
         };
         let owner = self
             .store
@@ -329,8 +381,9 @@ impl Hub {
                 ErrorCode::AccessDenied,
                 "the device is already claimed by another owner; the setup token was not used",
             ));
+            spawn = None;
         }
-        Ok((owner, notice))
+        Ok((owner, notice, spawn))
     }
 
     /// Checks a client's access token and puts its route up.
@@ -426,7 +479,11 @@ impl Hub {
         }
     }
 
-    fn client_outbox(&self, client_id: &ClientId, owner: Option<&UserId>) -> Option<Outbox> {
+    pub(crate) fn client_outbox(
+        &self,
+        client_id: &ClientId,
+        owner: Option<&UserId>,
+    ) -> Option<Outbox> {
         let routes = self.routes.lock().unwrap();
         routes
             .clients
@@ -537,6 +594,36 @@ impl ClientGuard {
     /// Lists the owner's devices.
     pub async fn list_devices(&self) -> Result<Vec<DeviceInfo>, Reject> {
         self.hub.list_devices(&self.owner).await
+    }
+
+    /// A request of this client for one of its owner's hives.
+    pub fn hive_request<'a>(
+        &'a self,
+        hive: Option<&'a str>,
+        ask: Ask,
+        request_id: &'a str,
+    ) -> HiveRequest<'a> {
+        HiveRequest {
+            owner: &self.owner,
+            client_id: &self.client_id,
+            hive,
+            ask,
+            request_id,
+            kind: None,
+        }
+    }
+
+    /// Checks that a setup token the client passes along is a valid one of
+    /// its own owner.
+    pub fn check_own_setup_token(&self, token: &Secret) -> Result<(), Reject> {
+        let claims = self.hub.tokens.verify(token.expose(), TokenKind::Setup)?;
+        if claims.sub != self.owner {
+            return Err(Reject::new(
+                ErrorCode::AccessDenied,
+                "the setup token belongs to another owner",
+            ));
+        }
+        Ok(())
     }
 
     /// Makes `device_id` the target of `sync_data` without a `device_id`.

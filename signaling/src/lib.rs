@@ -12,6 +12,7 @@
 //! - [`auth`]: signed setup and access tokens.
 //! - [`store`]: salt, token key and device ownership, kept across restarts.
 //! - [`hub`]: online devices and clients, and routing between them.
+//! - [`hive`]: hives that start workers for their owner, and their requests.
 //! - [`conn`]: one WebSocket connection's reader and writer.
 //! - [`server`]: HTTP, TLS, the accept loop, shutdown.
 //! - [`web`]: the browser client's static files, served at `/`.
@@ -23,6 +24,7 @@
 pub mod auth;
 pub mod conn;
 pub mod files;
+pub mod hive;
 pub mod hub;
 pub mod ice;
 pub mod identity;

@@ -34,7 +34,8 @@ enum Command {
     Serve,
     /// Mint a token signed with this server's key (same --data-dir).
     Token {
-        /// `access` for clients, `setup` to claim workers.
+        /// `access` for clients, `setup` to claim workers, `hive` for a hive
+        /// that spawns workers for the owner.
         kind: Kind,
         /// The owner the token speaks for.
         #[arg(long)]
@@ -49,6 +50,7 @@ enum Command {
 enum Kind {
     Access,
     Setup,
+    Hive,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             let kind = match kind {
                 Kind::Access => TokenKind::Access,
                 Kind::Setup => TokenKind::Setup,
+                Kind::Hive => TokenKind::Hive,
             };
             println!("{}", key.mint(kind, &UserId::new(owner), ttl));
             Ok(())

@@ -68,18 +68,20 @@ impl TryFrom<WorkerArgs> for WorkerConfig {
     fn try_from(args: WorkerArgs) -> anyhow::Result<Self> {
         let queries = args.limits.query_config(&args.data_dir);
         let rtc = args.rtc.config()?;
-        let secret = match (&args.secret, &args.secret_file) {
-            (None, Some(file)) => Some(Secret::new(
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("cannot read the secret file {}", file.display()))?
-                    .trim(),
-            )),
+        let secret = match &args.secret_file {
+            Some(file) if args.secret.is_none() => Some(read_secret_file(file, "secret")?),
             _ => args.secret,
+        };
+        let setup_token = match &args.setup_token_file {
+            Some(file) if args.setup_token.is_none() => {
+                Some(read_secret_file(file, "setup token")?)
+            }
+            _ => args.setup_token,
         };
         Ok(Self {
             url: args.url,
             secret,
-            setup_token: args.setup_token,
+            setup_token,
             name: args.name,
             services: args.services,
             data_dir: args.data_dir,
@@ -92,6 +94,12 @@ impl TryFrom<WorkerArgs> for WorkerConfig {
             rtc,
         })
     }
+}
+
+fn read_secret_file(path: &std::path::Path, what: &str) -> anyhow::Result<Secret> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the {what} file {}", path.display()))?;
+    Ok(Secret::new(text.trim()))
 }
 
 /// Replies waiting for the signaling connection.
@@ -280,7 +288,7 @@ fn sends_secret_in_clear(url: &str) -> bool {
 /// Exponential backoff with jitter: 0.5 s doubling to 15 s, each delay drawn
 /// from its upper half so a fleet does not reconnect in lockstep.
 #[derive(Debug, Default)]
-struct Backoff {
+pub(crate) struct Backoff {
     attempt: u32,
 }
 
@@ -288,7 +296,7 @@ const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(15);
 
 impl Backoff {
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = BACKOFF_BASE
             .saturating_mul(1 << self.attempt.min(10))
             .min(BACKOFF_MAX);
@@ -297,7 +305,7 @@ impl Backoff {
         half + half.mul_f64(rand::rng().random::<f64>())
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 }

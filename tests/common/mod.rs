@@ -194,7 +194,14 @@ impl WorkerProcess {
             .arg(url)
             .arg("--data-dir")
             .arg(data_dir)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn");
+        Self::from_command(command, env)
+    }
+
+    /// Starts any cocoon command, its output collected line by line like a
+    /// worker's.
+    pub fn from_command(mut command: Command, env: &[(&str, &str)]) -> Self {
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -270,6 +277,16 @@ impl WorkerProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits for it to exit.
+    pub async fn terminate(self) -> (ExitStatus, String) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.wait_exit().await
     }
 
     /// Kills the process and waits for it.

@@ -140,6 +140,138 @@ pub enum ToServer {
     /// A worker or client asks for the STUN/TURN servers to use, with fresh
     /// TURN credentials.
     GetIceServers {},
+    /// A hive announces itself. The first message of a hive connection.
+    RegisterHive {
+        /// A hive token minted by `cocoon-signaling token hive`.
+        hive_token: Secret,
+        /// Unique among the owner's hives; a newer registration of the same
+        /// name replaces the older connection.
+        name: String,
+        /// The kinds of worker it can start.
+        kinds: Vec<HiveKind>,
+    },
+    /// A client asks for its owner's online hives.
+    ListHives {},
+    /// A client asks a hive to start a worker of `kind`, claimed by the
+    /// client's owner.
+    SpawnCocoon {
+        /// The client's handle for the reply.
+        request_id: String,
+        /// One of the hive's kinds.
+        kind: String,
+        /// A name for the new worker's device.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Optional: a setup token of the client's own owner. It is checked
+        /// and never forwarded; the hive gets a single-use token instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        setup_token: Option<Secret>,
+        /// The hive to ask (else the first online hive offering `kind`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hive: Option<String>,
+    },
+    /// A client asks a hive to stop one of its workers.
+    TerminateCocoon {
+        /// The client's handle for the reply.
+        request_id: String,
+        /// The `service_name` from `spawn_cocoon_result` or `cocoon_list`.
+        service_name: String,
+        /// The hive to ask (required when the owner has several).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hive: Option<String>,
+    },
+    /// A client asks a hive what it is running.
+    ListCocoons {
+        /// The client's handle for the reply.
+        request_id: String,
+        /// The hive to ask (required when the owner has several).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hive: Option<String>,
+    },
+    /// A hive's answer to `spawn_cocoon`.
+    SpawnCocoonResult {
+        /// The request answered.
+        request_id: String,
+        /// The client that asked.
+        client_id: ClientId,
+        /// Whether a worker is running and registered.
+        success: bool,
+        /// The hive's name for the worker, for `terminate_cocoon`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_name: Option<String>,
+        /// The worker's device, once it registered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<DeviceId>,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A hive's answer to `terminate_cocoon`.
+    TerminateCocoonResult {
+        /// The request answered.
+        request_id: String,
+        /// The client that asked.
+        client_id: ClientId,
+        /// Whether the worker was stopped.
+        success: bool,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A hive's answer to `list_cocoons`.
+    CocoonList {
+        /// The request answered.
+        request_id: String,
+        /// The client that asked.
+        client_id: ClientId,
+        /// What the hive runs.
+        cocoons: Vec<CocoonInfo>,
+    },
+    /// A hive asks for a single-use setup token for a pre-warmed worker.
+    IssueSetupToken {
+        /// The hive's handle for the reply.
+        request_id: String,
+    },
+}
+
+/// A kind of worker a hive can start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HiveKind {
+    /// The kind's id, e.g. `native`.
+    pub id: String,
+    /// `script`, `docker` or `podman`.
+    pub runner_type: String,
+}
+
+/// An online hive, as `hive_list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HiveInfo {
+    /// The hive's name.
+    pub name: String,
+    /// What it can start.
+    pub kinds: Vec<HiveKind>,
+}
+
+/// A worker a hive runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CocoonInfo {
+    /// The hive's name for it.
+    pub service_name: String,
+    /// Its kind.
+    pub kind: String,
+    /// `starting`, `pooled` (pre-warmed, not handed out yet), `running` or
+    /// `exited`.
+    pub state: String,
+    /// The process id (script runner) or container name (docker, podman).
+    pub handle: String,
+    /// Its device, once registered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<DeviceId>,
+    /// When it was started, Unix seconds.
+    pub started_at: u64,
 }
 
 /// A STUN or TURN server, shaped like WebRTC's `RTCIceServer`.
@@ -215,6 +347,105 @@ pub enum FromServer {
         ice_servers: Vec<IceServer>,
         /// How long the credentials are valid; ask again before then.
         ttl_secs: u64,
+    },
+    /// Reply to `register_hive`.
+    HiveRegistered {
+        /// The hive's name.
+        name: String,
+        /// The owner it spawns workers for.
+        owner: UserId,
+    },
+    /// Reply to `list_hives`.
+    HiveList {
+        /// The owner's online hives.
+        hives: Vec<HiveInfo>,
+    },
+    /// To a hive: start a worker of `kind` with this setup token.
+    SpawnCocoon {
+        /// The client's handle, to echo in the result.
+        request_id: String,
+        /// The client that asked, to echo in the result.
+        client_id: ClientId,
+        /// The kind to start.
+        kind: String,
+        /// The device name the client asked for.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// A single-use setup token for the client's owner, valid 10 minutes.
+        setup_token: Secret,
+        /// Names this spawn in `cocoon_registered`.
+        spawn_id: String,
+    },
+    /// To a hive: stop one of your workers.
+    TerminateCocoon {
+        /// The client's handle, to echo in the result.
+        request_id: String,
+        /// The client that asked, to echo in the result.
+        client_id: ClientId,
+        /// Which worker.
+        service_name: String,
+    },
+    /// To a hive: list your workers.
+    ListCocoons {
+        /// The client's handle, to echo in the result.
+        request_id: String,
+        /// The client that asked, to echo in the result.
+        client_id: ClientId,
+    },
+    /// To a hive: a single-use setup token for a pre-warmed worker.
+    SetupTokenIssued {
+        /// The hive's handle.
+        request_id: String,
+        /// A setup token for the hive's owner, valid 10 minutes.
+        setup_token: Secret,
+        /// Names this spawn in `cocoon_registered`.
+        spawn_id: String,
+    },
+    /// To a hive: a worker it started registered with the token of `spawn_id`.
+    CocoonRegistered {
+        /// The spawn.
+        spawn_id: String,
+        /// The device the worker registered as.
+        device_id: DeviceId,
+    },
+    /// To a client: the outcome of its `spawn_cocoon`.
+    SpawnCocoonResult {
+        /// The client's handle.
+        request_id: String,
+        /// The hive that answered.
+        hive: String,
+        /// Whether a worker is running and registered.
+        success: bool,
+        /// The hive's name for the worker, for `terminate_cocoon`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service_name: Option<String>,
+        /// The worker's device.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device_id: Option<DeviceId>,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// To a client: the outcome of its `terminate_cocoon`.
+    TerminateCocoonResult {
+        /// The client's handle.
+        request_id: String,
+        /// The hive that answered.
+        hive: String,
+        /// Whether the worker was stopped.
+        success: bool,
+        /// Why it failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// To a client: what a hive runs.
+    CocoonList {
+        /// The client's handle.
+        request_id: String,
+        /// The hive that answered.
+        hive: String,
+        /// Its workers.
+        cocoons: Vec<CocoonInfo>,
     },
     /// Something went wrong. The connection stays up unless the code says
     /// otherwise (see [`ErrorCode::is_fatal`]).
@@ -294,6 +525,9 @@ pub enum ErrorCode {
     /// Too many failed registrations or authentications from this address;
     /// try again in a minute (fatal).
     RateLimited,
+    /// No online hive of the owner can take the request (none at all, none
+    /// with that name, none offering the kind, or several and none named).
+    NoHive,
     /// The server failed; try again.
     Internal,
 }
@@ -386,6 +620,15 @@ const TO_SERVER_TYPES: &[&str] = &[
     "select_device",
     "sync_data",
     "get_ice_servers",
+    "register_hive",
+    "list_hives",
+    "spawn_cocoon",
+    "terminate_cocoon",
+    "list_cocoons",
+    "spawn_cocoon_result",
+    "terminate_cocoon_result",
+    "cocoon_list",
+    "issue_setup_token",
 ];
 
 /// Decodes one text frame sent to the server, classifying failures.
@@ -444,6 +687,51 @@ mod tests {
                 payload: Value::Null,
                 device_id: None,
                 client_id: None,
+            },
+            ToServer::GetIceServers {},
+            ToServer::RegisterHive {
+                hive_token: Secret::new("t"),
+                name: "h".into(),
+                kinds: vec![],
+            },
+            ToServer::ListHives {},
+            ToServer::SpawnCocoon {
+                request_id: "r".into(),
+                kind: "k".into(),
+                name: None,
+                setup_token: None,
+                hive: None,
+            },
+            ToServer::TerminateCocoon {
+                request_id: "r".into(),
+                service_name: "s".into(),
+                hive: None,
+            },
+            ToServer::ListCocoons {
+                request_id: "r".into(),
+                hive: None,
+            },
+            ToServer::SpawnCocoonResult {
+                request_id: "r".into(),
+                client_id: ClientId::new("c"),
+                success: false,
+                service_name: None,
+                device_id: None,
+                error: None,
+            },
+            ToServer::TerminateCocoonResult {
+                request_id: "r".into(),
+                client_id: ClientId::new("c"),
+                success: true,
+                error: None,
+            },
+            ToServer::CocoonList {
+                request_id: "r".into(),
+                client_id: ClientId::new("c"),
+                cocoons: vec![],
+            },
+            ToServer::IssueSetupToken {
+                request_id: "r".into(),
             },
         ];
         for sample in samples {
