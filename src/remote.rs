@@ -14,10 +14,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use anyhow::{Context, bail};
 use cocoon_signaling::protocol::DeviceId;
 use cocoon_signaling::protocol::service::{
-    AttachPty, Encoding, Execute, HeaderValues, Headers, ProxyHttp, Request, Response,
+    AttachPty, Encoding, Execute, HeaderValues, Headers, OutputStream, ProxyHttp, Request, Response,
 };
 use nix::sys::termios::{self, SetArg, Termios};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::ClientArgs;
@@ -383,24 +383,38 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
         Some(String::from_utf8(bytes).context("exec forwards text on stdin, not binary data")?)
     };
     let session = open(&args.client, &args.rtc, &args.device).await?;
-    let response = session
-        .request(Request::Execute(Execute {
+    let mut run = session
+        .execute_streaming(Execute {
             request_id: None,
             command: command_line(&args.command),
             input,
             timeout_secs: args.timeout,
             env: None,
             cwd: None,
-        }))
+            stream: true,
+        })
         .await?;
-    let result = match response {
+    // Output as it comes, each piece to where the command wrote it.
+    let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
+    while let Some(piece) = run.next().await {
+        let bytes = piece.encoding.decode(&piece.data)?;
+        match piece.stream {
+            OutputStream::Stdout => {
+                stdout.write_all(&bytes).await?;
+                stdout.flush().await?;
+            }
+            OutputStream::Stderr => {
+                stderr.write_all(&bytes).await?;
+                stderr.flush().await?;
+            }
+        }
+    }
+    let result = match run.result().await? {
         Response::ExecuteResult(result) => result,
         Response::Error { code, message, .. } => bail!("{message} ({code:?})"),
         other => bail!("unexpected reply {other:?}"),
     };
     let data = result.data;
-    std::io::stdout().write_all(&data.stdout_encoding.decode(&data.stdout)?)?;
-    std::io::stderr().write_all(&data.stderr_encoding.decode(&data.stderr)?)?;
     if data.truncated {
         eprintln!("cocoon: the output was truncated");
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cocoon_signaling::identity::generate_secret;
 use cocoon_signaling::protocol::service::{
-    Encoding, Execute, ExecuteResult, Request, Response, ServiceErrorCode,
+    Encoding, Execute, ExecuteResult, OutputStream, Request, Response, ServiceErrorCode,
 };
 use common::*;
 use serde_json::json;
@@ -117,6 +117,45 @@ async fn output_is_capped_and_flagged() {
     assert!(result.data.truncated);
     assert_eq!(result.data.stdout.len(), 256 * 1024);
     assert_eq!(result.data.stderr, "done\n");
+}
+
+#[tokio::test]
+async fn streamed_output_arrives_in_order_uncapped_and_binary_safe() {
+    let mut rig = Rig::start(&[]).await;
+    let mut request = execute_request(
+        "echo one; echo two >&2; head -c 600000 /dev/zero | tr '\\0' b; printf '\\377'; exit 5",
+    );
+    request.request_id = Some("st-1".into());
+    request.stream = true;
+    rig.send(&Request::Execute(request)).await;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let result = loop {
+        match rig.recv().await {
+            Response::ExecuteOutput(piece) => {
+                assert_eq!(piece.request_id.as_deref(), Some("st-1"));
+                assert!(piece.data.len() < 1024 * 1024);
+                let bytes = piece.encoding.decode(&piece.data).unwrap();
+                match piece.stream {
+                    OutputStream::Stdout => stdout.extend(bytes),
+                    OutputStream::Stderr => stderr.extend(bytes),
+                }
+            }
+            Response::ExecuteResult(result) => break result,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(result.request_id.as_deref(), Some("st-1"));
+    assert_eq!(result.data.exit_code, Some(5));
+    assert!(!result.success && !result.data.truncated);
+    // The output went out in pieces, none of it again in the result.
+    assert_eq!(
+        (result.data.stdout.as_str(), result.data.stderr.as_str()),
+        ("", "")
+    );
+    assert_eq!(stderr, b"two\n");
+    assert_eq!(&stdout[..4], b"one\n");
+    assert_eq!(stdout.len(), 4 + 600_000 + 1);
+    assert_eq!(stdout.last(), Some(&0xff));
 }
 
 #[tokio::test]

@@ -79,6 +79,47 @@ async fn exec_propagates_exit_codes_output_and_stdin() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("no device of yours"));
 }
 
+#[tokio::test]
+async fn exec_streams_output_while_the_command_runs() {
+    let rig = Rig::start(LOOPBACK_RTC_ENV).await;
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // The command waits for a file the test creates only after reading the
+    // first line: the line must arrive while the command still runs.
+    let script = format!(
+        "echo first; while [ ! -e {go} ]; do sleep 0.05; done; echo second >&2; \
+         head -c 300000 /dev/zero | tr '\\0' x; exit 4",
+        go = go.display()
+    );
+    let mut child = cocoon(&rig, &["exec", rig.device_id.as_str(), "--", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::time::timeout(common::DEADLINE, stdout.read_line(&mut first))
+        .await
+        .expect("the first line arrives while the command runs")
+        .unwrap();
+    assert_eq!(first, "first\n");
+    std::fs::write(&go, "").unwrap();
+    let mut rest = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stdout, &mut rest)
+        .await
+        .unwrap();
+    let output = tokio::time::timeout(common::DEADLINE, child.wait_with_output())
+        .await
+        .expect("exec finishes")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(4));
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "second\n");
+    // Streamed output is not capped like a result's (256 KiB).
+    assert_eq!(rest.len(), 300_000);
+    assert!(rest.iter().all(|&b| b == b'x'));
+}
+
 /// A tmux server of its own, killed when dropped.
 struct Tmux {
     socket: tempfile::TempDir,

@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use cocoon_signaling::protocol::MAX_MESSAGE_BYTES;
 use cocoon_signaling::protocol::service::{
-    Encoding, Execute, ExecuteData, ExecuteResult, OutputFile, Response, ServiceErrorCode,
+    Encoding, Execute, ExecuteData, ExecuteOutput, ExecuteResult, OutputFile, OutputStream,
+    Response, ServiceErrorCode,
 };
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
-use super::ServiceError;
 use super::process::{EnvPolicy, Limits, exit_code, prepare, signal_group};
 use super::tasks::{TaskKind, TaskStatus, TaskStore};
+use super::{ReplyTo, ServiceError};
 
 /// Operator policy for `execute`.
 #[derive(Debug, Clone)]
@@ -85,10 +87,12 @@ impl Executor {
         }
     }
 
-    /// Runs one request to completion, recording it as a task.
-    pub async fn execute(&self, request: Execute) -> Response {
+    /// Runs one request to completion, recording it as a task. A streamed
+    /// request's output goes to `reply` as it comes.
+    pub async fn execute(&self, request: Execute, reply: &ReplyTo) -> Response {
         let request_id = request.request_id.clone();
-        match self.run(request, true, &[]).await {
+        let sink = request.stream.then_some(reply);
+        match self.run(request, true, &[], sink).await {
             Ok(result) => Response::ExecuteResult(result),
             Err(err) => err.into_response(request_id, None),
         }
@@ -101,7 +105,7 @@ impl Executor {
         request: Execute,
         fixed_env: &[(&str, &str)],
     ) -> Result<ExecuteResult, ServiceError> {
-        self.run(request, false, fixed_env).await
+        self.run(request, false, fixed_env, None).await
     }
 
     async fn run(
@@ -109,6 +113,7 @@ impl Executor {
         request: Execute,
         track: bool,
         fixed_env: &[(&str, &str)],
+        sink: Option<&ReplyTo>,
     ) -> Result<ExecuteResult, ServiceError> {
         let timeout = request
             .timeout_secs
@@ -136,7 +141,7 @@ impl Executor {
             true => Some(self.tasks.start(TaskKind::Execute, &request.command).await),
             false => None,
         };
-        let mut result = self.spawn_and_wait(&request, env, timeout).await;
+        let mut result = self.spawn_and_wait(&request, env, timeout, sink).await;
         let (files, files_truncated) = collect_files(&out_dir, &self.policy).await;
         result.files = files;
         result.data.truncated |= files_truncated;
@@ -159,6 +164,7 @@ impl Executor {
         request: &Execute,
         env: Vec<(String, String)>,
         timeout: Duration,
+        sink: Option<&ReplyTo>,
     ) -> ExecuteResult {
         let mut command = Command::new("sh");
         command
@@ -189,14 +195,27 @@ impl Executor {
                 let _ = stdin.write_all(input.as_bytes()).await;
             });
         }
-        let stdout = tokio::spawn(read_capped(
-            child.stdout.take().expect("piped"),
+        let exited = CancellationToken::new();
+        let read = |pipe: Box<dyn AsyncRead + Unpin + Send>, which, cap| match sink {
+            Some(reply) => tokio::spawn(forward(
+                pipe,
+                which,
+                request.request_id.clone(),
+                reply.clone(),
+                exited.clone(),
+            )),
+            None => tokio::spawn(read_capped(pipe, cap)),
+        };
+        let stdout = read(
+            Box::new(child.stdout.take().expect("piped")),
+            OutputStream::Stdout,
             self.policy.max_stdout,
-        ));
-        let stderr = tokio::spawn(read_capped(
-            child.stderr.take().expect("piped"),
+        );
+        let stderr = read(
+            Box::new(child.stderr.take().expect("piped")),
+            OutputStream::Stderr,
             self.policy.max_stderr,
-        ));
+        );
 
         let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
             Ok(status) => (status, false),
@@ -208,8 +227,9 @@ impl Executor {
         // Whatever the command left running in its group goes with it; that
         // also closes pipes held by stragglers.
         signal_group(pid, Signal::SIGKILL);
-        let (stdout, out_truncated) = join_capped(stdout).await;
-        let (stderr, err_truncated) = join_capped(stderr).await;
+        exited.cancel();
+        let (stdout, out_truncated) = join_output(stdout, sink.is_some()).await;
+        let (stderr, err_truncated) = join_output(stderr, sink.is_some()).await;
         let exit_code = status.ok().map(exit_code);
         let error = if timed_out {
             Some("timeout")
@@ -273,10 +293,60 @@ async fn read_capped(mut reader: impl AsyncRead + Unpin, cap: usize) -> (Vec<u8>
     }
 }
 
-async fn join_capped(reader: tokio::task::JoinHandle<(Vec<u8>, bool)>) -> (Vec<u8>, bool) {
-    match tokio::time::timeout(DRAIN_GRACE, reader).await {
+/// Sends everything as `execute_output` messages, waiting for room in the
+/// client's queue (so a slow client slows the command, through its pipe).
+/// Once the command has exited, a pipe that stays silent for the drain
+/// grace is given up: a process outside the group holds it.
+async fn forward(
+    mut reader: Box<dyn AsyncRead + Unpin + Send>,
+    stream: OutputStream,
+    request_id: Option<String>,
+    reply: ReplyTo,
+    exited: CancellationToken,
+) -> (Vec<u8>, bool) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let read = if exited.is_cancelled() {
+            match tokio::time::timeout(DRAIN_GRACE, reader.read(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => return (Vec::new(), true),
+            }
+        } else {
+            // Reads are cancel-safe: nothing is lost when the exit wins.
+            tokio::select! {
+                read = reader.read(&mut buf) => read,
+                _ = exited.cancelled() => continue,
+            }
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return (Vec::new(), false),
+            Ok(n) => n,
+        };
+        let (data, encoding) = Encoding::encode(&buf[..n]);
+        let output = ExecuteOutput {
+            request_id: request_id.clone(),
+            stream,
+            data,
+            encoding,
+        };
+        reply.send(Response::ExecuteOutput(output)).await;
+    }
+}
+
+/// A reader task's output. Capped readers are given up after the drain
+/// grace (a process outside the group still holds the pipe); forwarders
+/// bound their own wait.
+async fn join_output(
+    reader: tokio::task::JoinHandle<(Vec<u8>, bool)>,
+    streaming: bool,
+) -> (Vec<u8>, bool) {
+    let joined = if streaming {
+        Ok(reader.await)
+    } else {
+        tokio::time::timeout(DRAIN_GRACE, reader).await
+    };
+    match joined {
         Ok(Ok(output)) => output,
-        // A process outside the group still holds the pipe: give up on it.
         _ => (Vec::new(), true),
     }
 }

@@ -189,7 +189,9 @@ impl Services {
             Request::Execute(request) => {
                 let services = self.clone();
                 tokio::spawn(async move {
-                    reply.send(services.exec.execute(request).await).await;
+                    reply
+                        .send(services.exec.execute(request, &reply).await)
+                        .await;
                 });
             }
             Request::AttachPty(request) => {

@@ -223,6 +223,7 @@ impl Queries {
                 params.to_string()
             }),
             timeout_secs: Some(HANDLER_TIMEOUT.as_secs()),
+            stream: false,
             env: None,
             cwd: None,
         };

@@ -642,6 +642,7 @@ pub fn execute_request(command: &str) -> cocoon_signaling::protocol::service::Ex
         timeout_secs: None,
         env: None,
         cwd: None,
+        stream: false,
     }
 }
 

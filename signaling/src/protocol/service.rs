@@ -205,6 +205,36 @@ pub struct Execute {
     /// Working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// Send the output as it comes, in `execute_output` messages, instead
+    /// of in the result (no output caps then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+/// Which output of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// `execute_output`: a piece of a streamed command's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecuteOutput {
+    /// From the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Where it was written.
+    pub stream: OutputStream,
+    /// The bytes (see `encoding`).
+    pub data: String,
+    /// How `data` holds the bytes.
+    #[serde(default, skip_serializing_if = "Encoding::is_utf8")]
+    pub encoding: Encoding,
 }
 
 /// `attach_pty`: start a program on a new pseudo-terminal.
@@ -333,6 +363,8 @@ pub enum Response {
     RtcCandidate(IceCandidate),
     /// The outcome of `execute`.
     ExecuteResult(ExecuteResult),
+    /// Output of a streamed `execute`, before its result.
+    ExecuteOutput(ExecuteOutput),
     /// A session was started.
     PtyCreated {
         /// The new session.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cocoon_signaling::protocol::frame::{CONTROL_STREAM, Frame};
-use cocoon_signaling::protocol::service::{Request, Response, SessionId};
+use cocoon_signaling::protocol::service::{ExecuteOutput, Request, Response, SessionId};
 use cocoon_signaling::protocol::{FromServer, IceServer, ToServer};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, interval};
@@ -71,6 +71,8 @@ pub(super) struct Driver {
     device: String,
     control: ControlStream,
     pending: HashMap<String, oneshot::Sender<Response>>,
+    /// Streamed executes' output, by request id.
+    outputs: HashMap<String, mpsc::Sender<ExecuteOutput>>,
     terminals: HashMap<u32, Terminal>,
     pings: HashMap<u64, (Instant, oneshot::Sender<Duration>)>,
     rtc_config: Option<RtcConfig>,
@@ -96,6 +98,7 @@ impl Driver {
             device,
             control: ControlStream::new(STREAM_BUFFER),
             pending: HashMap::new(),
+            outputs: HashMap::new(),
             terminals: HashMap::new(),
             pings: HashMap::new(),
             rtc_config: rtc,
@@ -305,8 +308,16 @@ impl Driver {
             return Ok(());
         }
         match command {
-            Command::Request { request, id, reply } => {
+            Command::Request {
+                request,
+                id,
+                reply,
+                output,
+            } => {
                 self.queue_request(&request)?;
+                if let Some(output) = output {
+                    self.outputs.insert(id.clone(), output);
+                }
                 self.pending.insert(id, reply);
             }
             Command::Attach {
@@ -454,6 +465,14 @@ impl Driver {
                     }
                 }
                 Response::RtcCandidate(candidate) => self.rtc.add_candidate(candidate).await,
+                Response::ExecuteOutput(output) => {
+                    // Waiting here holds the session back while the reader
+                    // catches up: the worker then slows the command down.
+                    let id = output.request_id.clone().unwrap_or_default();
+                    if let Some(pieces) = self.outputs.get(&id) {
+                        let _ = pieces.send(output).await;
+                    }
+                }
                 response => self.on_response(response),
             }
         }
@@ -509,10 +528,15 @@ impl Driver {
                 }
                 request_id.clone()
             }
-            Response::PtyOutput { .. } | Response::RtcAnswer { .. } | Response::RtcCandidate(_) => {
-                None
-            }
+            Response::PtyOutput { .. }
+            | Response::RtcAnswer { .. }
+            | Response::RtcCandidate(_)
+            | Response::ExecuteOutput(_) => None,
         };
+        if let Some(id) = &id {
+            // The result follows the last piece of output.
+            self.outputs.remove(id);
+        }
         match id.and_then(|id| self.pending.remove(&id)) {
             Some(reply) => {
                 let _ = reply.send(response);
@@ -598,6 +622,7 @@ impl Driver {
         }
         // A caller that stopped waiting (its reply timed out) is forgotten.
         self.pending.retain(|_, reply| !reply.is_closed());
+        self.outputs.retain(|_, pieces| !pieces.is_closed());
         if self.rtc_deadline.is_some_and(|deadline| deadline <= now) {
             tracing::info!("no peer-to-peer path within the ICE timeout; settled on the relay");
             self.rtc_deadline = None;

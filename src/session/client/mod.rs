@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use cocoon_signaling::protocol::service::{AttachPty, Request, Response, SessionId};
+use cocoon_signaling::protocol::service::{
+    AttachPty, Execute, ExecuteOutput, Request, Response, SessionId,
+};
 use cocoon_signaling::protocol::{DeviceId, Secret};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -51,6 +53,8 @@ enum Command {
         request: Request,
         id: String,
         reply: oneshot::Sender<Response>,
+        /// Where a streamed `execute`'s output goes.
+        output: Option<mpsc::Sender<ExecuteOutput>>,
     },
     Attach {
         request: AttachPty,
@@ -158,10 +162,38 @@ impl Session {
         };
         let (reply, answer) = oneshot::channel();
         self.commands
-            .send(Command::Request { request, id, reply })
+            .send(Command::Request {
+                request,
+                id,
+                reply,
+                output: None,
+            })
             .await
             .context("the session has ended")?;
         wait(answer).await
+    }
+
+    /// Runs a command with its output streamed: pieces arrive from
+    /// [`StreamingExec::next`] as the command writes them, then
+    /// [`StreamingExec::result`] has its exit status.
+    pub async fn execute_streaming(&self, mut execute: Execute) -> anyhow::Result<StreamingExec> {
+        execute.stream = true;
+        let id = execute
+            .request_id
+            .get_or_insert_with(|| self.next_id())
+            .clone();
+        let (output, pieces) = mpsc::channel(64);
+        let (reply, result) = oneshot::channel();
+        self.commands
+            .send(Command::Request {
+                request: Request::Execute(execute),
+                id,
+                reply,
+                output: Some(output),
+            })
+            .await
+            .context("the session has ended")?;
+        Ok(StreamingExec { pieces, result })
     }
 
     /// Starts a terminal whose bytes travel on a stream of their own.
@@ -281,6 +313,25 @@ async fn wait<T>(answer: oneshot::Receiver<T>) -> anyhow::Result<T> {
         .await
         .context("no reply in time")?
         .context("the session has ended")
+}
+
+/// A streamed `execute` in progress.
+pub struct StreamingExec {
+    pieces: mpsc::Receiver<ExecuteOutput>,
+    result: oneshot::Receiver<Response>,
+}
+
+impl StreamingExec {
+    /// The next piece of output; `None` once the command's output has ended.
+    pub async fn next(&mut self) -> Option<ExecuteOutput> {
+        self.pieces.recv().await
+    }
+
+    /// The result (`execute_result` without the output, or an error), after
+    /// the output.
+    pub async fn result(self) -> anyhow::Result<Response> {
+        wait(self.result).await
+    }
 }
 
 /// A terminal on the device.
