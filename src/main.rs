@@ -2,8 +2,24 @@ use clap::Parser;
 use cocoon::cli::Cli;
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // COCOON_RUNTIME_THREADS=1 runs everything on one thread (no hand-offs
+    // between threads); otherwise one worker thread per core.
+    let threads = std::env::var("COCOON_RUNTIME_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok());
+    let mut builder = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if let Some(n) = threads.filter(|&n| n > 1) {
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build().expect("the runtime starts");
+    runtime.block_on(run())
+}
+
+async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

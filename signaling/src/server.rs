@@ -270,6 +270,9 @@ where
     }
 }
 
+/// Each WebSocket's read buffer (see `cocoon-bench`: memory per idle worker).
+const READ_BUFFER: usize = 16 * 1024;
+
 async fn ws_upgrade(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -282,6 +285,9 @@ async fn ws_upgrade(
     upgrade
         .max_message_size(HARD_FRAME_LIMIT)
         .max_frame_size(HARD_FRAME_LIMIT)
+        // The default 128 KiB read buffer is allocated per connection: most
+        // of an idle worker's cost. Larger frames are read in several calls.
+        .read_buffer_size(READ_BUFFER)
         .on_upgrade(move |socket| {
             state.tracker.track_future(conn::serve_logged(
                 state.hub,

@@ -3,7 +3,8 @@
 //! (`session::Session`); the manager only keeps their control queues.
 
 mod session;
-mod sys;
+#[doc(hidden)]
+pub mod sys;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

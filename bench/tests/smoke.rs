@@ -1,0 +1,38 @@
+//! The harness still works: a smoke run over cocoon's own systems with the
+//! debug binaries the workspace build made. It checks that every figure was
+//! produced, not how good it is (speed lives in BENCHMARKS.md, not in tests).
+
+use std::process::Command;
+
+#[test]
+fn a_smoke_run_produces_every_figure() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = Command::new(env!("CARGO_BIN_EXE_cocoon-bench"))
+        .current_dir(root)
+        .args([
+            "--smoke",
+            "--bin",
+            "target/debug",
+            "--systems",
+            "raw,dc,relay",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "| raw PTY, no network (the limit) |",
+        "| cocoon, data channel (Rust client) |",
+        "| cocoon, WebSocket relay (Rust client) |",
+        "relay → P2P: median ",
+        "worker RSS: idle ",
+        "signaling server RSS: ",
+    ] {
+        assert!(stdout.contains(row), "no {row:?} in\n{stdout}");
+    }
+    assert!(!stdout.contains("NaN"), "{stdout}");
+}
