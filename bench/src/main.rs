@@ -168,6 +168,14 @@ struct Report {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    // Off unless asked for: RUST_LOG=webrtc_ice=debug etc. traces the
+    // harness's own clients (to stderr).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if args.smoke {
         args.rounds = 1;
         args.echoes = 50;
