@@ -109,6 +109,13 @@ pub struct ClientConfig {
 }
 
 impl ClientArgs {
+    /// Resolves the settings and connects as an authenticated client.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let config = self.resolve()?;
+        let tls = crate::tls::client_config(config.ca_file.as_deref())?;
+        Client::connect(&config.url, &config.access_token, tls).await
+    }
+
     /// Flags and environment first, then the config file: lines of
     /// `url = …`, `access_token = …`, `ca_file = …` (`#` comments). The file
     /// holds a token, so it must not be readable by others.
@@ -231,8 +238,11 @@ impl Cli {
             Command::Hive(command) => return crate::hive::run(command, shutdown).await,
             Command::Seed { data_dir } => {
                 tokio::task::spawn_blocking(move || {
+                    // A secret and a token: a few hundred bytes; refuse more.
                     let mut input = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut input)?;
+                    let stdin = std::io::Read::take(std::io::stdin().lock(), 64 * 1024 + 1);
+                    std::io::Read::read_to_end(&mut { stdin }, &mut input)?;
+                    anyhow::ensure!(input.len() <= 64 * 1024, "cocoon seed: input over 64 KiB");
                     crate::container::store_seed(&data_dir, &input)
                 })
                 .await??;
@@ -278,9 +288,7 @@ async fn doctor(
 }
 
 async fn devices(args: ClientArgs) -> anyhow::Result<()> {
-    let args = args.resolve()?;
-    let tls = crate::tls::client_config(args.ca_file.as_deref())?;
-    let mut client = Client::connect(&args.url, &args.access_token, tls).await?;
+    let mut client = args.connect().await?;
     let devices = client.list_devices().await?;
     if devices.is_empty() {
         println!("no devices for {}", client.user_id);

@@ -324,15 +324,11 @@ async fn from_client(
             if let Some(token) = setup_token {
                 client.check_own_setup_token(&token)?;
             }
-            let (hub, owner, client_id) = (client.hub(), &client.owner, &client.client_id);
             let request = HiveRequest {
-                owner,
-                client_id,
-                hive: hive.as_deref(),
-                ask: Ask::Spawn,
-                request_id: &request_id,
                 kind: Some(&kind),
+                ..client.hive_request(hive.as_deref(), Ask::Spawn, &request_id)
             };
+            let (hub, owner, client_id) = (client.hub(), &client.owner, &client.client_id);
             hub.ask_hive(request, |hive| {
                 let (setup_token, spawn_id) = hub.issue_spawn_token(owner, hive)?;
                 Ok(FromServer::SpawnCocoon {

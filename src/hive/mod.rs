@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ClientArgs;
-use crate::client::{Client, ServerError};
+use crate::client::ServerError;
 use crate::container::Runtime;
 use crate::kinds::Kind;
 use crate::link::ws::WsLink;
@@ -38,6 +38,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const KEEP_EXITED: usize = 32;
 /// Largest pool per kind.
 const MAX_POOL: usize = 64;
+/// Most workers one hive runs at once (pooled ones included).
+const MAX_WORKERS: usize = 256;
 
 /// `cocoon hive`.
 #[derive(clap::Args, Debug, Clone)]
@@ -163,7 +165,7 @@ pub async fn run(command: HiveCommand, shutdown: CancellationToken) -> anyhow::R
                     println!("{} ({})", kind.id, kind.runner_type());
                 }
             } else {
-                let mut client = connect(&client).await?;
+                let mut client = client.connect().await?;
                 let hives = client.list_hives().await?;
                 if hives.is_empty() {
                     println!("no online hives for {}", client.user_id);
@@ -177,7 +179,7 @@ pub async fn run(command: HiveCommand, shutdown: CancellationToken) -> anyhow::R
             Ok(0)
         }
         Action::List { client, hive } => {
-            let mut client = connect(&client).await?;
+            let mut client = client.connect().await?;
             let request_id = request_id();
             let reply = client
                 .hive_call(
@@ -215,7 +217,7 @@ pub async fn run(command: HiveCommand, shutdown: CancellationToken) -> anyhow::R
             hive,
             timeout,
         } => {
-            let mut client = connect(&client).await?;
+            let mut client = client.connect().await?;
             let request_id = request_id();
             let message = ToServer::SpawnCocoon {
                 request_id: request_id.clone(),
@@ -251,7 +253,7 @@ pub async fn run(command: HiveCommand, shutdown: CancellationToken) -> anyhow::R
             service_name,
             hive,
         } => {
-            let mut client = connect(&client).await?;
+            let mut client = client.connect().await?;
             let request_id = request_id();
             let message = ToServer::TerminateCocoon {
                 request_id: request_id.clone(),
@@ -273,12 +275,6 @@ pub async fn run(command: HiveCommand, shutdown: CancellationToken) -> anyhow::R
             }
         }
     }
-}
-
-async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-    let args = args.resolve()?;
-    let tls = crate::tls::client_config(args.ca_file.as_deref())?;
-    Client::connect(&args.url, &args.access_token, tls).await
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -629,6 +625,19 @@ impl Hive {
             out.push(spawn_failed(asker, None, format!("unknown kind {kind:?}")));
             return;
         }
+        let running = self.services.values().filter(|s| s.exit.is_none()).count();
+        let ready = self
+            .services
+            .values()
+            .any(|s| s.kind == kind && s.pooled && s.alive() && s.device_id.is_some());
+        if running >= MAX_WORKERS && !ready {
+            out.push(spawn_failed(
+                asker,
+                None,
+                format!("this hive already runs {MAX_WORKERS} workers"),
+            ));
+            return;
+        }
         // A pre-warmed worker of this kind, registered and waiting?
         let ready = self
             .services
@@ -857,9 +866,17 @@ impl Hive {
                 };
                 tracing::info!(service, status, "worker exited");
                 s.exit = Some(status.clone());
-                if let Some(asker) = s.stop_asker.take() {
-                    self.forget(&service);
-                    out.push(terminate_result(asker, Ok(())));
+                if s.stop_asker.is_some() {
+                    // The answer waits until its data is gone too.
+                    if let Some(Handle::Process { data_dir, .. }) = s.handle.take() {
+                        let events = self.events.clone();
+                        tokio::spawn(async move {
+                            let removal = move || runner::remove_data_dir(&data_dir);
+                            let _ = tokio::task::spawn_blocking(removal).await;
+                            let result = Ok(());
+                            let _ = events.send(Event::Removed { service, result }).await;
+                        });
+                    }
                 } else if let Some(asker) = s.spawn_asker.take() {
                     let log = match &s.handle {
                         Some(Handle::Process { data_dir, .. }) => {
@@ -929,7 +946,7 @@ impl Hive {
         };
         self.spawns.retain(|_, s| s != service_name);
         if let Some(Handle::Process { data_dir, .. }) = service.handle {
-            runner::remove_data_dir(&data_dir);
+            tokio::task::spawn_blocking(move || runner::remove_data_dir(&data_dir));
         }
     }
 
@@ -947,6 +964,10 @@ impl Hive {
 
     /// Asks for setup tokens for the pre-warmed workers each kind lacks.
     fn refill(&mut self, out: &mut Vec<ToServer>) {
+        // Pools never take the hive past its worker limit.
+        let mut room = MAX_WORKERS.saturating_sub(
+            self.services.values().filter(|s| s.exit.is_none()).count() + self.pool_requests.len(),
+        );
         for (kind, &want) in &self.pool {
             let have = self
                 .services
@@ -955,6 +976,10 @@ impl Hive {
                 .count()
                 + self.pool_requests.values().filter(|k| *k == kind).count();
             for _ in have..want {
+                if room == 0 {
+                    return;
+                }
+                room -= 1;
                 self.next_request += 1;
                 let request_id = format!("pool-{}", self.next_request);
                 self.pool_requests.insert(request_id.clone(), kind.clone());

@@ -81,24 +81,40 @@ pub fn interpolate(text: &str, launch: &Launch) -> String {
 /// Starts a worker.
 pub async fn start(launch: &Launch<'_>) -> anyhow::Result<Started> {
     match &launch.kind.runner {
-        Runner::Script(config) => start_script(config, launch),
+        Runner::Script(config) => start_script(config, launch).await,
         Runner::Container(engine, config) => start_container(*engine, config, launch).await,
     }
 }
 
-fn start_script(config: &ScriptConfig, launch: &Launch) -> anyhow::Result<Started> {
+async fn start_script(config: &ScriptConfig, launch: &Launch<'_>) -> anyhow::Result<Started> {
     let data_dir = launch.state_dir.join(launch.service_name);
-    create_private_dir(&data_dir)?;
-    let working_dir = match &config.working_dir {
-        Some(dir) => {
-            let dir = PathBuf::from(interpolate(dir, launch));
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create the working dir {}", dir.display()))?;
-            dir
-        }
-        None => data_dir.clone(),
+    let working_dir = config
+        .working_dir
+        .as_ref()
+        .map(|dir| PathBuf::from(interpolate(dir, launch)));
+    // Directories and the log file off the runtime's threads. The process
+    // itself is spawned from this (runtime) thread: PDEATHSIG fires when the
+    // spawning thread ends, and blocking-pool threads end when idle.
+    let (working_dir, log) = {
+        let (data_dir, working_dir) = (data_dir.clone(), working_dir);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            create_private_dir(&data_dir)?;
+            let working_dir = match working_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir).with_context(|| {
+                        format!("cannot create the working dir {}", dir.display())
+                    })?;
+                    dir
+                }
+                None => data_dir.clone(),
+            };
+            Ok((
+                working_dir,
+                std::fs::File::create(data_dir.join("worker.log"))?,
+            ))
+        })
+        .await??
     };
-    let log = std::fs::File::create(data_dir.join("worker.log"))?;
     let mut command = tokio::process::Command::new(interpolate(&config.command, launch));
     command
         .args(config.args.iter().map(|arg| interpolate(arg, launch)))
