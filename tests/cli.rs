@@ -158,9 +158,22 @@ async fn health(dir: &std::path::Path, grace: &str) -> (i32, String) {
 async fn health_follows_the_worker() {
     let rig = common::Rig::start(&[]).await;
     let dir = rig.worker_dir.path().to_owned();
-    let (code, text) = health(&dir, "0s").await;
-    assert_eq!(code, 0, "{text}");
-    assert!(text.starts_with("healthy: registered"), "{text}");
+    // The worker records "registered" just after the server confirmed it,
+    // which is when the rig returns: wait for the record, not a moment.
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let (code, text) = health(&dir, "0s").await;
+        assert_eq!(code, 0, "{text}");
+        if text.starts_with("healthy: registered") {
+            break;
+        }
+        assert!(text.starts_with("healthy: connecting"), "{text}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never registered: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     // The server goes away: the worker is reconnecting, healthy only
     // within the grace.
