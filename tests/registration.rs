@@ -15,7 +15,7 @@ use common::*;
 async fn first_registration_restart_and_server_restart() {
     let server_dir = tempfile::tempdir().unwrap();
     let worker_dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start(server_dir.path()).await;
+    let server = TestServer::start_restartable(server_dir.path()).await;
     let setup = server.token(TokenKind::Setup, "alice");
 
     let mut worker = WorkerProcess::spawn(

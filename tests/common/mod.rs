@@ -44,6 +44,14 @@ impl TestServer {
         Self::start_with(Config::new(([127, 0, 0, 1], 0).into(), data_dir.to_owned())).await
     }
 
+    /// Starts on a loopback port below the kernel's ephemeral range, for a
+    /// test that restarts the server on the same port: a port the kernel
+    /// handed out can be taken, between the stop and the start, as the
+    /// source port of any outgoing connection on the machine.
+    pub async fn start_restartable(data_dir: &Path) -> Self {
+        Self::start_with(Config::new(fixed_port_addr(), data_dir.to_owned())).await
+    }
+
     /// Starts with a full configuration.
     pub async fn start_with(config: Config) -> Self {
         let tls = config.tls.is_some();
@@ -691,4 +699,29 @@ pub async fn drive_browser(ns: &str, base: &str, token: &Secret, scenario: &str)
         status.success(),
         "scenario {scenario} failed (its output is above)"
     );
+}
+
+/// A free loopback address whose port lies below the kernel's ephemeral
+/// range (`net.ipv4.ip_local_port_range`), so nothing but an explicit bind
+/// can take it.
+pub fn fixed_port_addr() -> SocketAddr {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let floor = 10_000.min(low / 2);
+    let span = u32::from(low - floor);
+    let seed = std::process::id()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+    for attempt in 0..span {
+        let port = floor + ((seed.wrapping_add(attempt.wrapping_mul(7919))) % span) as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free loopback port in {floor}..{low}");
 }
