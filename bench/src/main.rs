@@ -5,12 +5,15 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
 use serde::Serialize;
 
+mod bare;
+mod chromium;
 mod peers;
 mod stats;
 mod systems;
@@ -37,7 +40,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "raw,dc,relay,ssh,terminado,wetty"
+        default_value = "raw,webrtc,dc,relay,chromium,ssh,terminado,wetty"
     )]
     systems: Vec<System>,
     /// Where cocoon and cocoon-signaling are (a cargo profile dir).
@@ -52,6 +55,9 @@ struct Args {
     /// Idle workers registered for the signaling server's memory figure.
     #[arg(long, default_value_t = 1000)]
     idle_workers: usize,
+    /// Internal: be the other end of the `webrtc` system (see bare.rs).
+    #[arg(long, hide = true)]
+    bare_peer: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
@@ -59,10 +65,15 @@ struct Args {
 enum System {
     /// A shell on a local PTY: the limit.
     Raw,
+    /// A webrtc-rs data channel alone, set up as cocoon's, no PTY: the
+    /// stack's own limit.
+    Webrtc,
     /// cocoon, Rust client, WebRTC data channel.
     Dc,
     /// cocoon, Rust client, the signaling server's WebSocket relay.
     Relay,
+    /// cocoon's browser terminal (xterm.js) in Chromium, data channel.
+    Chromium,
     /// OpenSSH (Debian's), `ssh -tt` to an `sshd` of our own.
     Ssh,
     /// terminado (PyPI), its WebSocket JSON protocol.
@@ -75,8 +86,11 @@ impl System {
     fn label(self) -> &'static str {
         match self {
             System::Raw => "raw PTY, no network (the limit)",
+            System::Webrtc => "webrtc-rs data channel alone, no PTY",
             System::Dc => "cocoon, data channel (Rust client)",
             System::Relay => "cocoon, WebSocket relay (Rust client)",
+            // Its throughput runs are shorter: chromium::MAX_MEGABYTES.
+            System::Chromium => "cocoon in Chromium (xterm.js, data channel; ≤ 50 MB runs)",
             System::Ssh => "OpenSSH",
             System::Terminado => "terminado (Python, WebSocket)",
             System::Wetty => "WeTTY (Node.js, socket.io)",
@@ -97,8 +111,12 @@ impl System {
 struct Stage {
     cocoon: Cocoon,
     peers: Option<Peers>,
+    /// The browser's own server, worker and network, if it runs.
+    chromium: Option<chromium::Chromium>,
     worker_pid: u32,
     server_pid: u32,
+    /// The process at the other end of the current `webrtc` terminal.
+    bare_peer_pid: AtomicU32,
 }
 
 impl Stage {
@@ -107,8 +125,10 @@ impl Stage {
     fn server_pids(&self, system: System) -> Vec<u32> {
         match (system, system.peer(), &self.peers) {
             (System::Raw, ..) => Vec::new(),
+            (System::Webrtc, ..) => vec![self.bare_peer_pid.load(Ordering::Relaxed)],
             (System::Dc, ..) => vec![self.worker_pid],
             (System::Relay, ..) => vec![self.worker_pid, self.server_pid],
+            (System::Chromium, ..) => self.chromium.iter().map(|c| c.worker_pid()).collect(),
             (_, Some(peer), Some(peers)) => peers.server_side_pids(peer),
             _ => Vec::new(),
         }
@@ -124,6 +144,11 @@ impl Stage {
         let start = Instant::now();
         let mut terminal = match system {
             System::Raw => systems::raw_pty()?,
+            System::Webrtc => {
+                let (terminal, pid) = bare::terminal().await?;
+                self.bare_peer_pid.store(pid, Ordering::Relaxed);
+                terminal
+            }
             System::Dc => self.cocoon.terminal(Some(loopback_rtc())).await?,
             _ => self.cocoon.terminal(None).await?,
         };
@@ -145,6 +170,8 @@ struct Round {
     /// Server-side CPU seconds per 100 MB streamed (worker, or worker plus
     /// signaling server on the relay path; the peers' server processes).
     cpu_s_per_100mb: Option<f64>,
+    /// The worker's part of that on the relay path.
+    worker_cpu_s_per_100mb: Option<f64>,
     first_output_ms: Option<f64>,
     /// Server-side memory with one terminal open, and after its client
     /// stopped reading for 5 s during a flood.
@@ -168,6 +195,15 @@ struct Report {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    if args.bare_peer {
+        // Exits at once: a runtime shutting down would wait for the
+        // blocking read of stdin forever.
+        let result = bare::serve().await;
+        if let Err(err) = &result {
+            eprintln!("bare peer: {err:#}");
+        }
+        std::process::exit(i32::from(result.is_err()));
+    }
     // Off unless asked for: RUST_LOG=webrtc_ice=debug etc. traces the
     // harness's own clients (to stderr).
     if std::env::var_os("RUST_LOG").is_some() {
@@ -182,7 +218,12 @@ async fn main() -> anyhow::Result<()> {
         args.megabytes = 4;
         args.idle_workers = 50;
     }
-    let report = run(&args).await?;
+    // Interrupted, the run is dropped rather than the process ended, so
+    // what it made (processes, Chromium's network namespace) is undone.
+    let report = tokio::select! {
+        report = run(&args) => report?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    };
     print_report(&args, &report);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
@@ -197,11 +238,17 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         true => None,
         false => Some(Peers::start_only(&std::env::current_dir()?, &peer_systems).await?),
     };
+    let chromium = match args.systems.contains(&System::Chromium) {
+        true => Some(chromium::Chromium::start(&args.bin).await?),
+        false => None,
+    };
     let stage = Stage {
+        chromium,
         worker_pid: cocoon.worker.id().context("worker running")?,
         server_pid: cocoon.server.id().context("server running")?,
         cocoon,
         peers,
+        bare_peer_pid: AtomicU32::new(0),
     };
     let mut report = Report::default();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -251,6 +298,12 @@ fn rss_of(pids: &[u32]) -> u64 {
 }
 
 async fn measure(args: &Args, stage: &Stage, system: System) -> anyhow::Result<Round> {
+    if system == System::Chromium {
+        // Not a `Terminal`: the page times itself (chromium.rs).
+        let chromium = stage.chromium.as_ref().context("Chromium was not set up")?;
+        let megabytes = args.megabytes.min(chromium::MAX_MEGABYTES);
+        return chromium.measure(args.echoes, megabytes * 1_000_000).await;
+    }
     let mut round = Round::default();
     let (mut terminal, first) = stage.open(system).await.context("opening")?;
     round.first_output_ms = first.filter(|_| system != System::Raw).map(ms);
@@ -264,8 +317,13 @@ async fn measure(args: &Args, stage: &Stage, system: System) -> anyhow::Result<R
     let pids = stage.server_pids(system);
     let bytes = args.megabytes * 1_000_000;
     let cpu_before = cpu_of(&pids);
+    let worker_before = cpu_of(&[stage.worker_pid]);
     let took = terminal.throughput(bytes).await.context("throughput")?;
     let cpu = cpu_of(&pids) - cpu_before;
+    if system == System::Relay {
+        let worker = cpu_of(&[stage.worker_pid]) - worker_before;
+        round.worker_cpu_s_per_100mb = Some(worker * 100e6 / bytes as f64);
+    }
     round.mb_per_s = bytes as f64 / 1e6 / took.as_secs_f64();
     if system != System::Raw {
         round.cpu_s_per_100mb = Some(cpu * 100e6 / bytes as f64);
@@ -273,8 +331,8 @@ async fn measure(args: &Args, stage: &Stage, system: System) -> anyhow::Result<R
     terminal.close().await;
 
     // A client that stops reading during a flood: the server side must
-    // hold at most its window.
-    if system != System::Raw {
+    // hold at most its window. (The bare peer runs no program to flood.)
+    if !matches!(system, System::Raw | System::Webrtc) {
         let (mut terminal, _) = stage.open(system).await.context("opening for the stall")?;
         round.rss_open_mb = Some(mb(rss_of(&stage.server_pids(system))));
         terminal.type_bytes(b"yes\r").await?;
@@ -372,7 +430,10 @@ fn print_report(args: &Args, report: &Report) {
         let p99 = median(rounds.iter().map(|r| r.echo_p99_us));
         let mbs = median(rounds.iter().map(|r| r.mb_per_s));
         let dash = || "–".to_owned();
-        let cpu = of(|r| r.cpu_s_per_100mb).map_or_else(dash, |v| format!("{v:.2}"));
+        let cpu = match (of(|r| r.cpu_s_per_100mb), of(|r| r.worker_cpu_s_per_100mb)) {
+            (Some(all), Some(worker)) => format!("{all:.2} (worker {worker:.2})"),
+            (all, _) => all.map_or_else(dash, |v| format!("{v:.2}")),
+        };
         let memory = match (of(|r| r.rss_open_mb), of(|r| r.rss_after_stall_mb)) {
             (Some(open), Some(stall)) => format!("{open:.1} → {stall:.1}"),
             _ => dash(),

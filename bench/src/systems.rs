@@ -2,6 +2,7 @@
 //! signaling server and worker as real processes on loopback, reached by the
 //! Rust client over a data channel or over the relay.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -93,7 +94,7 @@ pub fn raw_pty() -> anyhow::Result<Terminal> {
 }
 
 /// Aborts its tasks when dropped.
-struct Aborting(Vec<tokio::task::JoinHandle<()>>);
+pub(crate) struct Aborting(pub Vec<tokio::task::JoinHandle<()>>);
 
 impl Drop for Aborting {
     fn drop(&mut self) {
@@ -136,10 +137,8 @@ pub fn loopback_rtc() -> RtcConfig {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+fn free_port(host: IpAddr) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 
 async fn token(bin: &Path, data: &Path, kind: &str) -> anyhow::Result<Secret> {
@@ -175,26 +174,37 @@ impl Cocoon {
     /// Starts `cocoon-signaling` and `cocoon run` from `bin` (a cargo
     /// target dir such as target/release), both on loopback.
     pub async fn start(bin: &Path) -> anyhow::Result<Self> {
-        let dir =
-            TempDir(std::env::temp_dir().join(format!("cocoon-bench-{}", std::process::id())));
+        Self::start_on(bin, Ipv4Addr::LOCALHOST.into(), None).await
+    }
+
+    /// Like [`Cocoon::start`], with the server listening on `host` and the
+    /// worker's WebRTC using only that address (off loopback: for a client
+    /// behind a link of ours, see chromium.rs); the server also serves the
+    /// browser client from `web_root`.
+    pub async fn start_on(
+        bin: &Path,
+        host: IpAddr,
+        web_root: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let dir = TempDir(
+            std::env::temp_dir().join(format!("cocoon-bench-{}-{host}", std::process::id())),
+        );
         let (server_dir, worker_dir) = (dir.0.join("server"), dir.0.join("worker"));
         std::fs::create_dir_all(&worker_dir)?;
-        let port = free_port()?;
-        let url = format!("ws://127.0.0.1:{port}/ws");
+        let port = free_port(host)?;
+        let url = format!("ws://{host}:{port}/ws");
         let mut server = Command::new(bin.join("cocoon-signaling"))
             .arg("--data-dir")
             .arg(&server_dir)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--host", &host.to_string(), "--port", &port.to_string()])
+            .envs(web_root.map(|dir| ("SIGNALING_WEB_ROOT", dir)))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .context("cannot start cocoon-signaling (build it first)")?;
         let ready = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
+        while tokio::net::TcpStream::connect((host, port)).await.is_err() {
             anyhow::ensure!(Instant::now() < ready, "the signaling server did not start");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -210,9 +220,17 @@ impl Cocoon {
             .env("HOME", std::env::var("HOME").unwrap_or_default())
             .env("SHELL", "/bin/bash")
             .env("COCOON_SETUP_TOKEN", setup.expose())
-            .env("WEBRTC_ICE_SERVERS", DEAD_STUN)
-            .env("COCOON_WEBRTC_LOOPBACK", "1")
-            .env("COCOON_WEBRTC_NETWORKS", "127.0.0.1/32")
+            // Off loopback, as the browser tests' workers: no STUN server,
+            // host candidates on that address only.
+            .env(
+                "WEBRTC_ICE_SERVERS",
+                if host.is_loopback() { DEAD_STUN } else { "" },
+            )
+            .envs(
+                host.is_loopback()
+                    .then_some(("COCOON_WEBRTC_LOOPBACK", "1")),
+            )
+            .env("COCOON_WEBRTC_NETWORKS", format!("{host}/32"))
             .env("RUST_LOG", "error")
             // Runtime experiments (COCOON_RUNTIME_THREADS) reach the worker.
             .envs(std::env::vars().filter(|(k, _)| k.starts_with("COCOON_RUNTIME")))
@@ -262,14 +280,15 @@ impl Cocoon {
     }
 }
 
-/// An 80x24 login shell.
+/// An 80x24 terminal running the shell every system runs (not the login
+/// shell, whose profile scripts would count in connect → prompt).
 pub fn attach() -> AttachPty {
     AttachPty {
         request_id: None,
-        command: None,
+        command: Some("exec bash --norc --noprofile".into()),
         cols: 80,
         rows: 24,
-        env: None,
+        env: Some([("PS1".to_owned(), "$ ".to_owned())].into()),
         cwd: None,
         // What `cocoon attach` and the browser do.
         flow_control: true,

@@ -1,6 +1,8 @@
 //! The harness still works: a smoke run over cocoon's own systems with the
-//! debug binaries the workspace build made. It checks that every figure was
-//! produced, not how good it is (speed lives in BENCHMARKS.md, not in tests).
+//! debug binaries the workspace build made, the browser terminal in Chromium
+//! included (as root, with the browser client built: `./scripts/test` does
+//! both). It checks that every figure was produced, not how good it is
+//! (speed lives in BENCHMARKS.md, not in tests).
 
 use std::process::Command;
 
@@ -14,7 +16,7 @@ fn a_smoke_run_produces_every_figure() {
             "--bin",
             "target/debug",
             "--systems",
-            "raw,dc,relay",
+            "raw,webrtc,dc,relay,chromium",
         ])
         .output()
         .unwrap();
@@ -26,8 +28,10 @@ fn a_smoke_run_produces_every_figure() {
     );
     for row in [
         "| raw PTY, no network (the limit) |",
+        "| webrtc-rs data channel alone, no PTY |",
         "| cocoon, data channel (Rust client) |",
         "| cocoon, WebSocket relay (Rust client) |",
+        "| cocoon in Chromium (xterm.js, data channel; ≤ 50 MB runs) |",
         "relay → P2P: median ",
         "worker RSS: idle ",
         "signaling server RSS: ",

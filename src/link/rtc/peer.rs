@@ -284,11 +284,19 @@ fn wire(channel: Arc<RTCDataChannel>, senders: Senders) {
 pub struct ChannelSender {
     channel: Arc<RTCDataChannel>,
     drained: Arc<Notify>,
+    stall: Duration,
 }
 
 impl ChannelSender {
-    /// A sender for an open channel.
+    /// A sender for an open channel that gives up after 2 s without
+    /// progress.
     pub async fn new(channel: Arc<RTCDataChannel>) -> Self {
+        Self::with_stall(channel, STALL).await
+    }
+
+    /// A sender that gives up after `stall` without progress (a benchmark's
+    /// bare channel has no relay to move to, so it waits).
+    pub async fn with_stall(channel: Arc<RTCDataChannel>, stall: Duration) -> Self {
         let drained = Arc::new(Notify::new());
         channel.set_buffered_amount_low_threshold(LOW_WATER).await;
         let notify = drained.clone();
@@ -298,14 +306,18 @@ impl ChannelSender {
                 Box::pin(async {})
             }))
             .await;
-        Self { channel, drained }
+        Self {
+            channel,
+            drained,
+            stall,
+        }
     }
 
     /// Sends one message. Backpressure: waits while over the high water
-    /// mark, but not longer than 2 s: a channel that does not drain
-    /// has lost its path, and the caller moves to the relay.
+    /// mark, but not longer than the stall time: a channel that does not
+    /// drain has lost its path, and the caller moves to the relay.
     pub async fn send(&self, message: &Bytes) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + STALL;
+        let deadline = tokio::time::Instant::now() + self.stall;
         while self.channel.buffered_amount().await > HIGH_WATER {
             let drained = self.drained.notified();
             if self.channel.buffered_amount().await <= HIGH_WATER {
