@@ -215,7 +215,10 @@ pub fn parse_ice_url(url: &str) -> Result<IceUrl, String> {
     let (host, port) = match hostport.strip_prefix('[') {
         Some(v6) => {
             let (host, after) = v6.split_once(']').ok_or_else(bad)?;
-            (host, after.strip_prefix(':'))
+            match after {
+                "" => (host, None),
+                _ => (host, Some(after.strip_prefix(':').ok_or_else(bad)?)),
+            }
         }
         None => match hostport.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
@@ -1047,6 +1050,18 @@ mod tests {
         for bad in ["http://x", "stun:", "stun:h:0", "stun:h:x", "stun:[::1"] {
             assert!(parse_ice_url(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Found by fuzzing (`ice_servers`): whatever followed a bracketed
+    /// address other than `:PORT` was ignored, so `stun:[::1]3:478` was
+    /// probed as `[::1]:3478`.
+    #[test]
+    fn nothing_but_a_port_follows_a_bracketed_address() {
+        for bad in ["stun:[::1]3:478", "turn:[::1]x", "stun:[::1]:"] {
+            assert!(parse_ice_url(bad).is_err(), "{bad}");
+        }
+        let url = parse_ice_url("turn:[::1]?transport=udp").unwrap();
+        assert_eq!((url.host.as_str(), url.port), ("::1", 3478));
     }
 
     #[test]

@@ -265,9 +265,14 @@ fn kind(id: &str, runner: &str, config: Value) -> Result<Kind, String> {
             args: Vec::new(),
             working_dir: None,
         }),
-        ("script", config @ Value::Object(_)) => Runner::Script(
-            serde_json::from_value(config).map_err(|err| format!("script config: {err}"))?,
-        ),
+        ("script", config @ Value::Object(_)) => {
+            let script: ScriptConfig =
+                serde_json::from_value(config).map_err(|err| format!("script config: {err}"))?;
+            if script.command.trim().is_empty() {
+                return Err("the command is empty".into());
+            }
+            Runner::Script(script)
+        }
         (engine @ ("docker" | "podman"), config) => {
             let engine = if engine == "docker" {
                 Engine::Docker
@@ -395,6 +400,21 @@ mod tests {
         ];
         for (text, want) in cases {
             assert_eq!(parse(text).unwrap(), want, "{text}");
+        }
+    }
+
+    /// Found by the `kinds` fuzz target's check that every kind has a
+    /// command or an image: a blank command was refused as a string but
+    /// accepted inside a JSON configuration.
+    #[test]
+    fn blank_script_commands_are_refused() {
+        for text in [
+            r#"x:script:{"command":""}"#,
+            r#"x:script:{"command":"  ","args":["a"]}"#,
+            r#"[{"id":"x","runner_type":"script","runner_config":{"command":""}}]"#,
+        ] {
+            let err = parse(text).expect_err(text);
+            assert!(err.contains("the command is empty"), "{text}: {err}");
         }
     }
 

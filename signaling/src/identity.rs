@@ -98,7 +98,28 @@ fn is_repetitive(chars: &[char]) -> bool {
     if chars.windows(MAX_RUN).any(|w| w.iter().all(|c| *c == w[0])) {
         return true;
     }
-    (1..=chars.len() / 3).any(|period| chars.iter().zip(&chars[period..]).all(|(a, b)| a == b))
+    // Any period up to a third exists exactly when the shortest one is that
+    // short. (Trying every period was quadratic: minutes of CPU for one
+    // `register` with a secret of a megabyte.)
+    !chars.is_empty() && shortest_period(chars) <= chars.len() / 3
+}
+
+/// The least `p > 0` with `chars[i] == chars[i + p]` wherever both exist:
+/// the length minus the longest border (a proper prefix that is also a
+/// suffix), from the Knuth–Morris–Pratt failure function in linear time.
+fn shortest_period(chars: &[char]) -> usize {
+    let mut border = vec![0; chars.len()];
+    let mut k = 0;
+    for i in 1..chars.len() {
+        while k > 0 && chars[i] != chars[k] {
+            k = border[k - 1];
+        }
+        if chars[i] == chars[k] {
+            k += 1;
+        }
+        border[i] = k;
+    }
+    chars.len() - border.last().copied().unwrap_or(0)
 }
 
 /// A fresh secret: 36 random bytes as 48 base64 characters (288 bits).
@@ -208,6 +229,37 @@ mod tests {
                 "{secret}"
             );
         }
+    }
+
+    /// Found while writing the `secret` fuzz target: the periodicity rule
+    /// was quadratic in the secret's length, so one `register` of a
+    /// megabyte held a server thread for minutes. The check must be quick
+    /// (it takes milliseconds) for the longest secret a message can carry.
+    #[test]
+    fn long_almost_periodic_secrets_are_checked_quickly() {
+        let mut secret = "Ab".repeat(crate::protocol::MAX_MESSAGE_BYTES / 2 - 64);
+        secret.push_str("Cd0");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(check_secret_strength(&secret)));
+        let verdict = finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the strength check of a 1 MiB secret takes too long");
+        assert_eq!(verdict, Err(WeakSecret::TooFewDistinct(5)));
+    }
+
+    #[test]
+    fn periods_of_any_length_are_repetitive() {
+        let chunk = "Ab1!Cd2?Ef3#";
+        for len in 32..=72 {
+            let secret: String = chunk.chars().cycle().take(len).collect();
+            let periodic = len >= 3 * chunk.len();
+            assert_eq!(
+                is_repetitive(&secret.chars().collect::<Vec<_>>()),
+                periodic,
+                "{secret}"
+            );
+        }
+        assert!(!is_repetitive(&[]));
     }
 
     #[test]

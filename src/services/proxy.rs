@@ -121,8 +121,10 @@ impl Proxy {
         }
     }
 
-    /// Checks the request and turns it into an upstream request.
-    fn build(&self, request: ProxyHttp) -> Result<Request<Full<Bytes>>, (StatusCode, String)> {
+    /// Checks the request and turns it into an upstream request. Public for
+    /// the fuzz targets only.
+    #[doc(hidden)]
+    pub fn build(&self, request: ProxyHttp) -> Result<Request<Full<Bytes>>, (StatusCode, String)> {
         let port = *self.ports.get(&request.service_name).ok_or_else(|| {
             (
                 StatusCode::NOT_FOUND,
@@ -271,7 +273,10 @@ fn connection_tokens(headers: &Headers) -> Vec<String> {
         .collect()
 }
 
-fn response_headers(headers: &hyper::HeaderMap) -> Headers {
+/// The upstream's response headers as relayed: without hop-by-hop headers
+/// and those its `Connection` lists. Public for the fuzz targets only.
+#[doc(hidden)]
+pub fn response_headers(headers: &hyper::HeaderMap) -> Headers {
     let listed: Vec<String> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()

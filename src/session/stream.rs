@@ -112,7 +112,8 @@ impl InStream {
     /// beyond a gap (the sender will resend the gap), the unseen tail of
     /// one that overlaps.
     pub fn accept(&mut self, offset: u64, bytes: Bytes) -> Option<Bytes> {
-        let end = offset + bytes.len() as u64;
+        // A peer's offset can be anything; no stream reaches past u64::MAX.
+        let end = offset.checked_add(bytes.len() as u64)?;
         if offset > self.next || end <= self.next {
             return None;
         }
@@ -327,6 +328,33 @@ mod tests {
             7,
             "given-back bytes are taken again when resent"
         );
+    }
+
+    /// Found by fuzzing (control_stream): a DATA or SKIP offset near
+    /// u64::MAX overflowed the end offset, a panic in debug builds.
+    #[test]
+    fn offsets_near_the_end_of_the_range_are_dropped() {
+        let mut input = InStream::default();
+        assert_eq!(input.accept(u64::MAX, Bytes::from_static(b"x")), None);
+        input.skip_to(u64::MAX - 1);
+        assert_eq!(input.accept(u64::MAX - 1, Bytes::from_static(b"ab")), None);
+        assert_eq!(
+            input
+                .accept(u64::MAX - 1, Bytes::from_static(b"a"))
+                .as_deref(),
+            Some(&b"a"[..])
+        );
+        assert_eq!(input.position(), u64::MAX);
+        let mut control = ControlStream::new(1024);
+        let (ack, messages) = control.receive(u64::MAX - 2, Bytes::from_static(b"\0\0\0\0"));
+        assert_eq!(
+            ack,
+            Frame::Ack {
+                stream: CONTROL_STREAM,
+                offset: 0
+            }
+        );
+        assert!(messages.is_empty());
     }
 
     #[test]

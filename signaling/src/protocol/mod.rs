@@ -642,6 +642,17 @@ pub fn decode_to_server(text: &str) -> Result<ToServer, DecodeError> {
             ),
         });
     }
+    // Serde also reads a struct from a JSON array (`["list_devices"]`);
+    // messages are objects.
+    if !text
+        .trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+    {
+        return Err(DecodeError {
+            code: ErrorCode::InvalidJson,
+            message: "expected a JSON object with a string \"type\"".into(),
+        });
+    }
     #[derive(Deserialize)]
     struct Envelope<'a> {
         #[serde(rename = "type", borrow)]
@@ -763,6 +774,43 @@ mod tests {
             "x".repeat(MAX_MESSAGE_BYTES)
         );
         assert_eq!(code(&huge), ErrorCode::MessageTooLarge);
+    }
+
+    /// Caught by the `signaling_message` fuzz target's check that accepted
+    /// messages are objects: arrays decoded as messages, their first
+    /// element taken as the type.
+    #[test]
+    fn messages_are_objects() {
+        for text in [
+            r#"["list_devices"]"#,
+            r#" ["authenticate", "token"]"#,
+            r#"["register", "kX9mP2vR8nQ4sT6wY1zC3hF5jL7dN0bM9pK8gV4aS2=", null]"#,
+        ] {
+            assert_eq!(
+                decode_to_server(text).unwrap_err().code,
+                ErrorCode::InvalidJson,
+                "{text}"
+            );
+        }
+        assert_eq!(
+            decode_to_server(" \n{\"type\": \"list_devices\"}"),
+            Ok(ToServer::ListDevices {})
+        );
+    }
+
+    /// Found by fuzzing (`signaling_message`): serde_json's default float
+    /// parsing is approximate, so a number in a relayed payload changed on
+    /// its way (and again on every later hop).
+    #[test]
+    fn payload_numbers_are_relayed_exactly() {
+        let text = r#"{"type": "sync_data", "payload": 44444.440407182312}"#;
+        let once = decode_to_server(text).unwrap();
+        let ToServer::SyncData { payload, .. } = &once else {
+            panic!("{once:?}")
+        };
+        assert_eq!(payload.as_f64(), Some(44444.440407182312));
+        let relayed = serde_json::to_string(&once).unwrap();
+        assert_eq!(decode_to_server(&relayed), Ok(once));
     }
 
     #[test]
