@@ -192,7 +192,12 @@ pub async fn attach(args: AttachArgs) -> anyhow::Result<i32> {
                 }
                 Some(PtyEvent::Skipped(_)) => {}
                 Some(PtyEvent::Exited(code)) => break Ok(code),
-                None => break Err(anyhow::anyhow!("the connection to the device was lost")),
+                None => {
+                    let reason = pty
+                        .ended_reason()
+                        .unwrap_or_else(|| "the connection to the device was lost".into());
+                    break Err(anyhow::anyhow!(reason));
+                }
             },
             read = keys.recv(), if stdin_open => {
                 let Some(bytes) = read else {

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
@@ -469,9 +469,23 @@ async fn write_loop(
             break;
         }
     }
-    let _ = sink.send(Message::Close(None)).await;
+    let close = if shutdown.is_cancelled() {
+        // Peers reconnect sooner when they know this was no network fault.
+        let _ = sink.send(encode(&FromServer::ServerRestarting {})).await;
+        Some(CloseFrame {
+            code: SERVICE_RESTART,
+            reason: "server restarting".into(),
+        })
+    } else {
+        None
+    };
+    let _ = sink.send(Message::Close(close)).await;
     let _ = sink.close().await;
 }
+
+/// WebSocket close code 1012, "Service Restart" (IANA's registry of close
+/// codes).
+const SERVICE_RESTART: u16 = 1012;
 
 fn encode(message: &FromServer) -> Message {
     Message::Text(

@@ -35,6 +35,23 @@ impl OutStream {
         }
     }
 
+    /// The stream's number.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Offset up to which the peer has acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Empties the stream of everything not acknowledged yet, sent or not,
+    /// and returns it (to carry over to another stream).
+    pub fn take_unacknowledged(&mut self) -> Vec<u8> {
+        self.sent = self.acked;
+        self.buf.drain(..).collect()
+    }
+
     /// Bytes that can still be queued.
     pub fn room(&self) -> usize {
         self.capacity.saturating_sub(self.buf.len())

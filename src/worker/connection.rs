@@ -112,6 +112,10 @@ async fn serve_loop(
                     ask_ice_at = Some(Instant::now() + refresh);
                 }
             }
+            Incoming::Message(FromServer::ServerRestarting {}) => {
+                tracing::info!("the signaling server is restarting; reconnecting");
+                return Ended::Lost;
+            }
             Incoming::Message(message) => on_message(node, peers, message),
             Incoming::Relay { from, frame } => {
                 let client = ClientId::new(from);

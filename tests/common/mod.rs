@@ -353,6 +353,26 @@ impl RawPeer {
         }
     }
 
+    /// Every message up to the server's close frame, and its close code.
+    pub async fn until_closed(&mut self) -> (Vec<FromServer>, Option<u16>) {
+        let mut messages = Vec::new();
+        loop {
+            let frame = tokio::time::timeout(DEADLINE, self.stream.next())
+                .await
+                .expect("a frame in time");
+            match frame {
+                Some(Ok(Message::Text(text))) => {
+                    messages.push(serde_json::from_str(&text).unwrap())
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return (messages, frame.map(|frame| frame.code.into()));
+                }
+                None | Some(Err(_)) => return (messages, None),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// After a fatal error the server closes the connection.
     pub async fn expect_closed(&mut self) {
         assert_eq!(self.recv().await, None, "connection should be closed");

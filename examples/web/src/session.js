@@ -61,6 +61,13 @@ export class TerminalStream {
     /** The last offset acknowledged (-1: send one soon). */
     this.acked = -1;
     this.input = new OutStream(stream, STREAM_BUFFER);
+    /** The terminal's input offset of `input`'s offset 0. */
+    this.inputBase = 0;
+    /**
+     * Input held until `pty_resumed` says how much of it the terminal took:
+     * `{ start, bytes }`, `start` being a terminal input offset.
+     */
+    this.carry = null;
     /** Waiting for `pty_resumed`: output is held in `early`. */
     this.resuming = resuming;
     this.early = [];
@@ -242,17 +249,21 @@ export class Session extends EventTarget {
     }
     for (const terminal of this.terminals.values()) {
       const unsent = terminal.input.unacknowledged();
+      const start = terminal.inputBase + terminal.input.acked;
       terminal.input = new OutStream(terminal.stream, STREAM_BUFFER);
       terminal.acked = -1;
       if (terminal.sessionId === null) {
         this.sendAttach(terminal);
+        terminal.input.push(unsent);
       } else {
         const offset = terminal.resuming ? terminal.written : terminal.output.next;
         terminal.resuming = true;
         terminal.early = [];
         this.sendResume(terminal, offset);
+        // Held until the worker says how much of it the terminal took (it
+        // may have taken bytes whose acknowledgement was lost).
+        terminal.carry ??= { start, bytes: unsent };
       }
-      terminal.input.push(unsent);
     }
     this.setPath('relay');
     this.startRtc();
@@ -441,11 +452,17 @@ export class Session extends EventTarget {
   }
 
   input(terminal, bytes) {
-    if (bytes.length > terminal.input.room()) {
+    const carry = terminal.carry;
+    const room = carry ? STREAM_BUFFER - carry.bytes.length : terminal.input.room();
+    if (bytes.length > room) {
       this.notice('terminal input is backed up; keystrokes dropped');
       return;
     }
-    terminal.input.push(bytes);
+    if (carry) {
+      carry.bytes = concat(carry.bytes, bytes);
+    } else {
+      terminal.input.push(bytes);
+    }
     this.flush();
   }
 
@@ -657,6 +674,17 @@ export class Session extends EventTarget {
     if (!terminal || !terminal.resuming) return;
     terminal.resuming = false;
     terminal.sessionId = message.session_id;
+    const taken = message.input_offset ?? null;
+    const carry = terminal.carry;
+    terminal.carry = null;
+    if (carry) {
+      // A worker that does not say gets everything unacknowledged again.
+      const skip = Math.min(taken === null ? 0 : Math.max(0, taken - carry.start), carry.bytes.length);
+      terminal.inputBase = carry.start + skip;
+      terminal.input.push(carry.bytes.subarray(skip));
+    } else {
+      terminal.inputBase = taken ?? 0;
+    }
     const from = message.offset;
     if (message.snapshot != null) {
       terminal.sink.redraw(message.snapshot);
@@ -720,4 +748,12 @@ async function selectedPair(pc) {
     local: stats.get(pair.localCandidateId)?.candidateType ?? null,
     remote: stats.get(pair.remoteCandidateId)?.candidateType ?? null,
   };
+}
+
+/** `a` followed by `b`, as a new array. */
+function concat(a, b) {
+  const out = new Uint8Array(a.length + b.length);
+  out.set(a);
+  out.set(b, a.length);
+  return out;
 }

@@ -335,6 +335,11 @@ pub enum FromServer {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_id: Option<ClientId>,
     },
+    /// The server is going away (it was told to stop; usually to restart)
+    /// and closes every connection next, with WebSocket close code 1012.
+    /// Reconnect with backoff: workers register again, clients
+    /// authenticate again and resume their terminals.
+    ServerRestarting {},
     /// To a worker: a client that sent it data has disconnected.
     ClientLeft {
         /// The client that left.

@@ -401,6 +401,12 @@ pub enum Response {
         /// then the output from `offset`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         snapshot: Option<String>,
+        /// How many input bytes the terminal has taken so far, from every
+        /// client: a client that typed before it lost its link resends its
+        /// unacknowledged input from here on, so no keystroke is lost or
+        /// doubled.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        input_offset: Option<u64>,
         /// From the request.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request_id: Option<String>,

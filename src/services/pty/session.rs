@@ -126,6 +126,9 @@ pub struct Session {
     ring: OutputRing,
     viewer: Viewer,
     pending_input: VecDeque<u8>,
+    /// Input bytes taken from every client so far (dropped ones included:
+    /// nobody resends those), told to a client that resumes.
+    input_taken: u64,
     /// A terminal emulator fed every output byte as it leaves the ring:
     /// with the ring's contents on top, the screen to redraw for a client
     /// that missed more than the ring holds. (Parsing only what leaves the
@@ -171,6 +174,7 @@ impl Session {
                 last_ack: Instant::now(),
             },
             pending_input: VecDeque::new(),
+            input_taken: 0,
             screen: vt100::Parser::new(rows, cols, 0),
             parsed: 0,
             skip_pending: false,
@@ -404,6 +408,7 @@ impl Session {
     fn control(&mut self, master: &AsyncFd<OwnedFd>, control: Control) {
         match control {
             Control::Input(bytes) => {
+                self.input_taken += bytes.len() as u64;
                 let room = MAX_PENDING_INPUT.saturating_sub(self.pending_input.len());
                 if bytes.len() > room {
                     tracing::warn!(session_id = %self.id, "input dropped: the program is not reading");
@@ -488,6 +493,7 @@ impl Session {
             session_id: self.id.clone(),
             offset: start,
             snapshot,
+            input_offset: Some(self.input_taken),
             request_id,
             stream,
         });

@@ -3,16 +3,18 @@
 //! handles into frames, and frames into events.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use cocoon_signaling::protocol::frame::{CONTROL_STREAM, Frame};
 use cocoon_signaling::protocol::service::{ExecuteOutput, Request, Response, SessionId};
-use cocoon_signaling::protocol::{FromServer, IceServer, ToServer};
+use cocoon_signaling::protocol::{ErrorCode, FromServer, IceServer, Secret, ToServer};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, interval};
 
-use super::{Command, PathStatus, PtyEvent};
+use super::{Command, EndReason, PathStatus, PtyEvent, Reply, SessionOptions};
+use crate::client::{Client, ServerError};
 use crate::link::rtc::{Path, RtcConfig, RtcEvent, RtcSide};
 use crate::link::ws::{Incoming, WsLink};
 use crate::session::stream::{ControlStream, InStream, OutStream};
@@ -25,6 +27,63 @@ pub(super) const STREAM_BUFFER: usize = 4 * 1024 * 1024;
 const MAX_PINGS: usize = 64;
 /// After a working direct path fails, a new one is offered this much later.
 const REOFFER_AFTER: Duration = Duration::from_secs(3);
+/// Reconnecting to the signaling server: the first try after about this
+/// long, then twice as long each time up to the cap.
+const REJOIN_FIRST: Duration = Duration::from_millis(250);
+const REJOIN_MAX: Duration = Duration::from_secs(5);
+
+/// How to reach the signaling server again.
+pub(super) struct Dial {
+    pub(super) url: String,
+    pub(super) token: Secret,
+    pub(super) tls: Arc<rustls::ClientConfig>,
+}
+
+impl Dial {
+    /// Connects and authenticates; with `rtc`, also fetches the server's
+    /// ICE servers into it and says when to ask again.
+    pub(super) async fn connect(
+        &self,
+        rtc: Option<&RtcConfig>,
+    ) -> anyhow::Result<(WsLink, Option<Duration>)> {
+        let mut client = Client::connect(&self.url, &self.token, self.tls.clone()).await?;
+        let mut refresh_ice = None;
+        if let Some(rtc) = rtc {
+            // Servers that hand out none answer with an empty list; older
+            // ones with an error, which changes nothing.
+            match client.ice_servers().await {
+                Ok((servers, ttl)) => {
+                    rtc.issued
+                        .set(servers.into_iter().map(Into::into).collect());
+                    refresh_ice = Some(ttl / 2);
+                }
+                Err(err) => tracing::debug!(err = format!("{err:#}"), "no ICE servers issued"),
+            }
+        }
+        Ok((client.into_link(), refresh_ice))
+    }
+}
+
+/// The request ids of the session's own resumes start with this (the
+/// session's other ids start with `s`).
+const RESUME_ID: &str = "resume-";
+
+fn resume_id(stream: u32) -> String {
+    format!("{RESUME_ID}{stream}")
+}
+
+/// Reconnecting to the signaling server.
+struct Rejoin {
+    since: Instant,
+    delay: Duration,
+    next_try: Instant,
+}
+
+/// `delay`, give or take a quarter, so that clients do not come back in
+/// lockstep.
+fn jittered(delay: Duration) -> Duration {
+    delay.mul_f64(0.75 + rand::random::<f64>() / 2.0)
+}
 
 struct Terminal {
     session_id: Option<SessionId>,
@@ -44,10 +103,25 @@ struct Terminal {
     snapshot: Option<Bytes>,
     fin: Option<u64>,
     exit: Option<i32>,
+    /// The terminal's input offset of this stream's offset 0 (input
+    /// offsets count every byte the terminal took, from any client).
+    input_base: u64,
+    /// Input waiting for a resume to say where the terminal's input stands:
+    /// its terminal offset and the bytes (unacknowledged when the link was
+    /// reset, or typed since).
+    carry: Option<(u64, Vec<u8>)>,
+    /// Why it ended, for the [`Pty`](super::Pty).
+    ended: EndReason,
 }
 
 impl Terminal {
-    fn new(stream: u32, offset: u64, events: mpsc::Sender<PtyEvent>, resuming: bool) -> Self {
+    fn new(
+        stream: u32,
+        offset: u64,
+        events: mpsc::Sender<PtyEvent>,
+        resuming: bool,
+        ended: EndReason,
+    ) -> Self {
         let mut output = InStream::default();
         output.skip_to(offset);
         Self {
@@ -62,15 +136,57 @@ impl Terminal {
             snapshot: None,
             fin: None,
             exit: None,
+            input_base: 0,
+            carry: None,
+            ended,
+        }
+    }
+
+    /// Takes everything unacknowledged out of the input stream (to resend
+    /// after a resume) and starts a fresh one, whose offsets start at 0.
+    fn carry_input(&mut self) {
+        // Already carrying (reset again before the resume was answered):
+        // input went to the carry since, the stream is empty.
+        if self.carry.is_none() {
+            let start = self.input_base + self.input.acked();
+            self.carry = Some((start, self.input.take_unacknowledged()));
+            self.input = OutStream::new(self.input.id(), STREAM_BUFFER);
+        }
+    }
+
+    /// The resume's answer: input resent from where the terminal stands.
+    fn resumed_input(&mut self, input_offset: Option<u64>) {
+        match self.carry.take() {
+            Some((start, bytes)) => {
+                // A worker that does not say gets everything unacknowledged.
+                let taken = input_offset.map_or(0, |at| at.saturating_sub(start));
+                let skip = (taken as usize).min(bytes.len());
+                self.input_base = start + skip as u64;
+                self.input.push(&bytes[skip..]);
+            }
+            None => self.input_base = input_offset.unwrap_or(0),
         }
     }
 }
 
 pub(super) struct Driver {
-    link: WsLink,
+    /// The signaling connection; `None` while reconnecting.
+    link: Option<WsLink>,
+    dial: Dial,
+    rejoin: Option<Rejoin>,
+    /// The link was lost or the device came back: the session layer starts
+    /// over (a new control stream, terminals resumed) for this reason.
+    reset_because: Option<String>,
+    /// Since when the device has been offline.
+    offline_since: Option<Instant>,
+    rejoin_within: Duration,
+    offline_grace: Duration,
+    /// Set when the session must end, and why.
+    end: Option<String>,
+    ended: EndReason,
     device: String,
     control: ControlStream,
-    pending: HashMap<String, oneshot::Sender<Response>>,
+    pending: HashMap<String, oneshot::Sender<Reply>>,
     /// Streamed executes' output, by request id.
     outputs: HashMap<String, mpsc::Sender<ExecuteOutput>>,
     terminals: HashMap<u32, Terminal>,
@@ -89,19 +205,29 @@ pub(super) struct Driver {
 impl Driver {
     pub(super) fn new(
         link: WsLink,
+        dial: Dial,
         device: String,
-        rtc: Option<RtcConfig>,
+        options: SessionOptions,
         refresh_ice: Option<Duration>,
+        ended: EndReason,
     ) -> Self {
         Self {
-            link,
+            link: Some(link),
+            dial,
+            rejoin: None,
+            reset_because: None,
+            offline_since: None,
+            rejoin_within: options.rejoin_within,
+            offline_grace: options.offline_grace,
+            end: None,
+            ended,
             device,
             control: ControlStream::new(STREAM_BUFFER),
             pending: HashMap::new(),
             outputs: HashMap::new(),
             terminals: HashMap::new(),
             pings: HashMap::new(),
-            rtc_config: rtc,
+            rtc_config: options.rtc,
             rtc: RtcSide::default(),
             rtc_deadline: None,
             settled_on_relay: false,
@@ -125,28 +251,183 @@ impl Driver {
                     Some(command) => self.on_command(command).await,
                     None => break,
                 },
-                incoming = self.link.recv_any() => match incoming {
+                incoming = recv(&mut self.link) => match incoming {
                     Ok(Some(Incoming::Relay { from, frame })) if from == self.device => self.on_frame(frame).await,
                     Ok(Some(Incoming::Relay { .. })) => Ok(()),
-                    Ok(Some(Incoming::Message(FromServer::IceServers { ice_servers, ttl_secs }))) => {
-                        self.on_ice_servers(ice_servers, ttl_secs).await
-                    }
-                    Ok(Some(Incoming::Message(message))) => {
-                        tracing::debug!(?message, "message from the signaling server");
+                    Ok(Some(Incoming::Message(message))) => self.on_message(message).await,
+                    Ok(None) => {
+                        self.link_lost("the signaling server closed the connection");
                         Ok(())
                     }
-                    Ok(None) => break,
-                    Err(err) => Err(err),
+                    Err(err) => {
+                        self.link_lost(format!("{err:#}"));
+                        Ok(())
+                    }
                 },
                 event = self.rtc.next_event() => self.on_rtc(event).await,
                 _ = tick.tick() => self.on_tick().await,
             };
             if let Err(err) = result {
-                tracing::warn!(err = format!("{err:#}"), "session link failed");
+                tracing::warn!(err = format!("{err:#}"), "session failed");
+                self.end.get_or_insert(format!("{err:#}"));
+            }
+            if let Some(why) = self.reset_because.take() {
+                self.reset(&why).await;
+            }
+            if let Some(reason) = self.end.take() {
+                tracing::warn!(%reason, "session ended");
+                for terminal in self.terminals.values() {
+                    terminal.ended.lock().unwrap().get_or_insert(reason.clone());
+                }
+                *self.ended.lock().unwrap() = Some(reason);
                 break;
             }
         }
         self.rtc.close().await;
+    }
+
+    async fn on_message(&mut self, message: FromServer) -> anyhow::Result<()> {
+        match message {
+            FromServer::IceServers {
+                ice_servers,
+                ttl_secs,
+            } => return self.on_ice_servers(ice_servers, ttl_secs).await,
+            FromServer::ServerRestarting {} => self.link_lost("the signaling server is restarting"),
+            FromServer::DeviceStatus { device_id, online } if device_id.as_str() == self.device => {
+                self.on_device_status(online)
+            }
+            // What the server says to frames sent while the device is away.
+            FromServer::Error {
+                code: ErrorCode::DeviceOffline,
+                ..
+            } => self.on_device_status(false),
+            message => tracing::debug!(?message, "message from the signaling server"),
+        }
+        Ok(())
+    }
+
+    /// The connection to the signaling server is gone: reconnect soon and
+    /// start the session layer over.
+    fn link_lost(&mut self, why: impl Into<String>) {
+        if self.link.take().is_none() {
+            return;
+        }
+        let why = why.into();
+        tracing::warn!(%why, "signaling connection lost; reconnecting");
+        let now = Instant::now();
+        self.rejoin = Some(Rejoin {
+            since: now,
+            delay: REJOIN_FIRST,
+            next_try: now + jittered(REJOIN_FIRST),
+        });
+        self.reset_because = Some(why);
+    }
+
+    fn on_device_status(&mut self, online: bool) {
+        if !online && self.offline_since.is_none() {
+            tracing::warn!(device = %self.device, "device offline; waiting for it");
+            self.offline_since = Some(Instant::now());
+            self.fail_pending(&format!("device {} is offline", self.device));
+        } else if online && self.offline_since.take().is_some() {
+            // Its worker reconnected: it knows nothing of this session.
+            tracing::info!(device = %self.device, "device back online; resuming");
+            self.reset_because = Some("the device reconnected".into());
+        }
+    }
+
+    /// Fails every request waiting for a reply.
+    fn fail_pending(&mut self, why: &str) {
+        let message = format!("{why}; no reply (the request may or may not have run)");
+        for (_, reply) in self.pending.drain() {
+            let _ = reply.send(Err(message.clone()));
+        }
+        self.outputs.clear();
+        self.pings.clear();
+    }
+
+    /// Starts the session layer over on a new link or with a device that
+    /// reconnected: a fresh control stream, and every terminal resumed
+    /// where its output and input stand, so nothing is lost or doubled.
+    /// Terminals still starting fail with their request.
+    async fn reset(&mut self, why: &str) {
+        self.rtc.fall_back();
+        self.rtc_deadline = None;
+        self.reoffer_at = None;
+        self.control = ControlStream::new(STREAM_BUFFER);
+        self.fail_pending(why);
+        self.terminals.retain(|_, terminal| {
+            let keep = terminal.session_id.is_some()
+                && terminal.exit.is_none()
+                && !terminal.events.is_closed();
+            if !keep && let Some(code) = terminal.exit {
+                // Its program is gone: there is nothing left to resume.
+                let reason = format!("{why} as the program exited (code {code})");
+                terminal.ended.lock().unwrap().get_or_insert(reason);
+            }
+            keep
+        });
+        let mut resumes = Vec::new();
+        for (stream, terminal) in &mut self.terminals {
+            terminal.carry_input();
+            terminal.resuming = true;
+            terminal.acked = 0;
+            resumes.push(Request::PtyResume {
+                session_id: terminal.session_id.clone().expect("kept above"),
+                offset: terminal.output.position(),
+                request_id: Some(resume_id(*stream)),
+                stream: Some(*stream),
+            });
+        }
+        for request in &resumes {
+            // A fresh control stream has room for a few small requests.
+            let _ = self.queue_request(request);
+        }
+        if self.link.is_some() {
+            self.restart_rtc().await;
+            let _ = self.flush().await;
+        }
+    }
+
+    async fn restart_rtc(&mut self) {
+        if let Err(err) = self.start_rtc().await {
+            tracing::warn!(
+                err = format!("{err:#}"),
+                "WebRTC unavailable; staying on the relay"
+            );
+        }
+    }
+
+    /// One try at reconnecting, when it is due.
+    async fn try_rejoin(&mut self) {
+        let Some(rejoin) = &self.rejoin else {
+            return;
+        };
+        if Instant::now() < rejoin.next_try {
+            return;
+        }
+        match self.dial.connect(self.rtc_config.as_ref()).await {
+            Ok((link, refresh_ice)) => {
+                tracing::info!("reconnected to the signaling server");
+                self.link = Some(link);
+                self.rejoin = None;
+                self.ask_ice_at = refresh_ice.map(|after| Instant::now() + after);
+                self.restart_rtc().await;
+                let _ = self.flush().await;
+            }
+            Err(err) => {
+                let refused = err
+                    .downcast_ref::<ServerError>()
+                    .is_some_and(|err| err.code.is_credential_failure());
+                let rejoin = self.rejoin.as_mut().expect("checked above");
+                if refused || rejoin.since.elapsed() >= self.rejoin_within {
+                    self.end = Some(format!("cannot reconnect to the signaling server: {err:#}"));
+                    return;
+                }
+                tracing::debug!(err = format!("{err:#}"), "reconnecting failed");
+                rejoin.delay = (rejoin.delay * 2).min(REJOIN_MAX);
+                rejoin.next_try = Instant::now() + jittered(rejoin.delay);
+            }
+        }
     }
 
     /// Offers a data channel; traffic stays on the relay meanwhile.
@@ -248,7 +529,14 @@ impl Driver {
                 }
             }
         }
-        self.link.send_relay(&self.device, &encoded).await
+        // Without a link the frame waits in its stream for the next one.
+        let Some(link) = &mut self.link else {
+            return Ok(());
+        };
+        if let Err(err) = link.send_relay(&self.device, &encoded).await {
+            self.link_lost(format!("{err:#}"));
+        }
+        Ok(())
     }
 
     async fn flush(&mut self) -> anyhow::Result<()> {
@@ -299,6 +587,18 @@ impl Driver {
                 | Command::Resume { .. }
                 | Command::Send(_)
         );
+        if self.offline_since.is_some() {
+            let offline = format!("device {} is offline", self.device);
+            match command {
+                Command::Request { reply, .. }
+                | Command::Attach { reply, .. }
+                | Command::Resume { reply, .. } => {
+                    let _ = reply.send(Err(offline));
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         if waits && self.holding() {
             anyhow::ensure!(
                 self.held.len() < 256,
@@ -325,12 +625,13 @@ impl Driver {
                 id,
                 reply,
                 events,
+                ended,
             } => {
                 let stream = request.stream.expect("set by attach_pty");
                 self.queue_request(&Request::AttachPty(request))?;
                 self.pending.insert(id, reply);
                 self.terminals
-                    .insert(stream, Terminal::new(stream, 0, events, false));
+                    .insert(stream, Terminal::new(stream, 0, events, false, ended));
             }
             Command::Resume {
                 request,
@@ -339,19 +640,32 @@ impl Driver {
                 offset,
                 reply,
                 events,
+                ended,
             } => {
                 self.queue_request(&request)?;
                 self.pending.insert(id, reply);
                 self.terminals
-                    .insert(stream, Terminal::new(stream, offset, events, true));
+                    .insert(stream, Terminal::new(stream, offset, events, true, ended));
             }
             Command::Input { stream, bytes } => {
                 if let Some(terminal) = self.terminals.get_mut(&stream) {
-                    anyhow::ensure!(
-                        bytes.len() <= terminal.input.room(),
-                        "terminal input is backed up"
-                    );
-                    terminal.input.push(&bytes);
+                    match &mut terminal.carry {
+                        // Held until the resume says where input stands.
+                        Some((_, carried)) => {
+                            anyhow::ensure!(
+                                carried.len() + bytes.len() <= STREAM_BUFFER,
+                                "terminal input is backed up"
+                            );
+                            carried.extend_from_slice(&bytes);
+                        }
+                        None => {
+                            anyhow::ensure!(
+                                bytes.len() <= terminal.input.room(),
+                                "terminal input is backed up"
+                            );
+                            terminal.input.push(&bytes);
+                        }
+                    }
                 }
             }
             Command::Send(request) => self.queue_request(&request)?,
@@ -493,6 +807,25 @@ impl Driver {
                 }
                 request_id.clone()
             }
+            Response::Error {
+                request_id: Some(id),
+                message,
+                ..
+            } if id.starts_with(RESUME_ID) => {
+                // The terminal could not be taken back (it ended meanwhile,
+                // or the worker restarted and it is gone).
+                let stream = self
+                    .terminals
+                    .keys()
+                    .copied()
+                    .find(|stream| resume_id(*stream) == *id);
+                if let Some(terminal) = stream.and_then(|s| self.terminals.remove(&s)) {
+                    let reason = format!("the terminal could not be resumed: {message}");
+                    tracing::warn!(%reason);
+                    *terminal.ended.lock().unwrap() = Some(reason);
+                }
+                None
+            }
             Response::Error { request_id, .. } => request_id.clone(),
             Response::PtyExited {
                 session_id,
@@ -513,11 +846,13 @@ impl Driver {
                 session_id,
                 offset,
                 snapshot,
+                input_offset,
                 request_id,
                 stream,
             } => {
                 if let Some(terminal) = stream.and_then(|s| self.terminals.get_mut(&s)) {
                     terminal.session_id = Some(session_id.clone());
+                    terminal.resumed_input(*input_offset);
                     terminal.snapshot = snapshot.as_ref().map(|s| Bytes::from(s.clone()));
                     if *offset > terminal.delivered {
                         terminal.output.skip_to(*offset);
@@ -539,7 +874,7 @@ impl Driver {
         }
         match id.and_then(|id| self.pending.remove(&id)) {
             Some(reply) => {
-                let _ = reply.send(response);
+                let _ = reply.send(Ok(response));
             }
             None => tracing::debug!(?response, "unsolicited response"),
         }
@@ -616,9 +951,23 @@ impl Driver {
 
     async fn on_tick(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
-        if self.ask_ice_at.is_some_and(|at| at <= now) {
+        if self
+            .offline_since
+            .is_some_and(|since| now - since >= self.offline_grace)
+        {
+            self.end = Some(format!("device {} is offline", self.device));
+            return Ok(());
+        }
+        if self.link.is_none() {
+            self.try_rejoin().await;
+        }
+        if let Some(link) = &mut self.link
+            && self.ask_ice_at.is_some_and(|at| at <= now)
+        {
             self.ask_ice_at = None;
-            self.link.send(&ToServer::GetIceServers {}).await?;
+            if let Err(err) = link.send(&ToServer::GetIceServers {}).await {
+                self.link_lost(format!("{err:#}"));
+            }
         }
         // A caller that stopped waiting (its reply timed out) is forgotten.
         self.pending.retain(|_, reply| !reply.is_closed());
@@ -649,5 +998,73 @@ impl Driver {
             self.deliver(stream, false).await?;
         }
         self.flush().await
+    }
+}
+
+/// The next message or frame; pending forever while there is no link.
+async fn recv(link: &mut Option<WsLink>) -> anyhow::Result<Option<Incoming>> {
+    match link {
+        Some(link) => link.recv_any().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn terminal() -> Terminal {
+        let (events, _) = mpsc::channel(1);
+        Terminal::new(1, 0, events, false, EndReason::default())
+    }
+
+    fn sent_input(terminal: &mut Terminal) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        while let Some(Frame::Data {
+            offset, bytes: b, ..
+        }) = terminal.input.next_frame()
+        {
+            assert_eq!(offset, bytes.len() as u64, "a fresh stream starts at 0");
+            bytes.extend_from_slice(&b);
+        }
+        bytes
+    }
+
+    /// Input the terminal took but never acknowledged (the link died first)
+    /// is not typed twice; input typed while reconnecting follows it.
+    #[test]
+    fn a_resume_resends_input_from_where_the_terminal_stands() {
+        let mut terminal = terminal();
+        terminal.input.push(b"echo one\n");
+        sent_input(&mut terminal);
+        terminal.input.ack(5);
+        terminal.carry_input();
+        // Typed meanwhile, and a second reset before the resume's answer.
+        terminal
+            .carry
+            .as_mut()
+            .unwrap()
+            .1
+            .extend_from_slice(b"ls\n");
+        terminal.carry_input();
+        // The terminal took 7 bytes: "echo on".
+        terminal.resumed_input(Some(7));
+        assert_eq!(sent_input(&mut terminal), b"e\nls\n");
+        assert_eq!(terminal.input_base, 7);
+
+        // Offsets carry on from there at the next reset.
+        terminal.input.ack(2);
+        terminal.carry_input();
+        assert_eq!(terminal.carry.as_ref().unwrap().0, 9);
+    }
+
+    #[test]
+    fn a_worker_that_does_not_say_gets_everything_unacknowledged() {
+        let mut terminal = terminal();
+        terminal.input.push(b"abc");
+        sent_input(&mut terminal);
+        terminal.carry_input();
+        terminal.resumed_input(None);
+        assert_eq!(sent_input(&mut terminal), b"abc");
     }
 }

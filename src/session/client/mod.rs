@@ -4,8 +4,8 @@
 //!
 //! [`Session`] is a handle; a driver task owns the link and the streams.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -17,9 +17,8 @@ use cocoon_signaling::protocol::{DeviceId, Secret};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::client::Client;
 use crate::link::rtc::{Path, RtcConfig};
-use driver::Driver;
+use driver::{Dial, Driver};
 
 mod driver;
 
@@ -27,6 +26,36 @@ mod driver;
 const EVENT_QUEUE: usize = 256;
 /// How long a request may wait for its reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A reply, or why none will come (the link was reset under the request).
+type Reply = Result<Response, String>;
+
+/// Why a session ended, once it has.
+type EndReason = Arc<Mutex<Option<String>>>;
+
+/// How a session rides out a lost link or device.
+#[derive(Clone)]
+pub struct SessionOptions {
+    /// With it, traffic starts on the relay and moves to a WebRTC data
+    /// channel as soon as one opens.
+    pub rtc: Option<RtcConfig>,
+    /// How long to keep reconnecting to the signaling server after the
+    /// connection drops (a restart, a network change) before giving up.
+    pub rejoin_within: Duration,
+    /// How long terminals wait for a device that went offline to come back
+    /// (its worker reconnecting) before the session ends.
+    pub offline_grace: Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            rtc: None,
+            rejoin_within: Duration::from_secs(60),
+            offline_grace: Duration::from_secs(20),
+        }
+    }
+}
 
 /// What a terminal produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,23 +81,25 @@ enum Command {
     Request {
         request: Request,
         id: String,
-        reply: oneshot::Sender<Response>,
+        reply: oneshot::Sender<Reply>,
         /// Where a streamed `execute`'s output goes.
         output: Option<mpsc::Sender<ExecuteOutput>>,
     },
     Attach {
         request: AttachPty,
         id: String,
-        reply: oneshot::Sender<Response>,
+        reply: oneshot::Sender<Reply>,
         events: mpsc::Sender<PtyEvent>,
+        ended: EndReason,
     },
     Resume {
         request: Request,
         id: String,
         stream: u32,
         offset: u64,
-        reply: oneshot::Sender<Response>,
+        reply: oneshot::Sender<Reply>,
         events: mpsc::Sender<PtyEvent>,
+        ended: EndReason,
     },
     Input {
         stream: u32,
@@ -93,11 +124,16 @@ pub struct PathStatus {
     pub remote_address: Option<String>,
 }
 
-/// A session with one device.
+/// A session with one device. It outlives its links: when the connection
+/// to the signaling server drops (the server restarts, the network
+/// changes) it reconnects and takes its terminals back, and when the device
+/// goes offline it waits a while for it; not a byte of terminal input or
+/// output is lost or doubled. Requests in flight at such a moment fail.
 pub struct Session {
     commands: mpsc::Sender<Command>,
     next_id: AtomicU64,
     next_stream: AtomicU32,
+    ended: EndReason,
 }
 
 impl Session {
@@ -120,28 +156,50 @@ impl Session {
         device: &DeviceId,
         rtc: Option<RtcConfig>,
     ) -> anyhow::Result<Self> {
-        let mut client = Client::connect(url, token, tls).await?;
-        let mut refresh_ice = None;
-        if let Some(rtc) = &rtc {
-            // Servers that hand out none answer with an empty list; older
-            // ones with an error, which changes nothing.
-            match client.ice_servers().await {
-                Ok((servers, ttl)) => {
-                    rtc.issued
-                        .set(servers.into_iter().map(Into::into).collect());
-                    refresh_ice = Some(ttl / 2);
-                }
-                Err(err) => tracing::debug!(err = format!("{err:#}"), "no ICE servers issued"),
-            }
-        }
+        let options = SessionOptions {
+            rtc,
+            ..SessionOptions::default()
+        };
+        Self::connect_opts(url, token, tls, device, options).await
+    }
+
+    /// Like [`Session::connect`], with every option.
+    pub async fn connect_opts(
+        url: &str,
+        token: &Secret,
+        tls: Arc<rustls::ClientConfig>,
+        device: &DeviceId,
+        options: SessionOptions,
+    ) -> anyhow::Result<Self> {
+        let dial = Dial {
+            url: url.to_owned(),
+            token: token.clone(),
+            tls,
+        };
+        let (link, refresh_ice) = dial.connect(options.rtc.as_ref()).await?;
         let (commands, queue) = mpsc::channel(256);
-        let driver = Driver::new(client.into_link(), device.to_string(), rtc, refresh_ice);
+        let ended = EndReason::default();
+        let driver = Driver::new(
+            link,
+            dial,
+            device.to_string(),
+            options,
+            refresh_ice,
+            ended.clone(),
+        );
         tokio::spawn(driver.run(queue));
         Ok(Self {
             commands,
             next_id: AtomicU64::new(1),
             next_stream: AtomicU32::new(1),
+            ended,
         })
+    }
+
+    /// Why the session ended (the device stayed offline, the server could
+    /// not be reached, the token was refused), once it has.
+    pub fn ended_reason(&self) -> Option<String> {
+        self.ended.lock().unwrap().clone()
     }
 
     fn next_id(&self) -> String {
@@ -170,7 +228,7 @@ impl Session {
             })
             .await
             .context("the session has ended")?;
-        wait(answer).await
+        wait_reply(answer).await
     }
 
     /// Runs a command with its output streamed: pieces arrive from
@@ -206,22 +264,25 @@ impl Session {
         request.stream = Some(stream);
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (reply, answer) = oneshot::channel();
+        let ended = EndReason::default();
         self.commands
             .send(Command::Attach {
                 request,
                 id,
                 reply,
                 events: events_tx,
+                ended: ended.clone(),
             })
             .await
             .context("the session has ended")?;
-        match wait(answer).await? {
+        match wait_reply(answer).await? {
             Response::PtyCreated { session_id, .. } => Ok(Pty {
                 session_id,
                 stream,
                 commands: self.commands.clone(),
                 events,
                 offset: 0,
+                ended,
             }),
             Response::Error { code, message, .. } => {
                 bail!("attach_pty failed ({code:?}): {message}")
@@ -244,6 +305,7 @@ impl Session {
         };
         let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
         let (reply, answer) = oneshot::channel();
+        let ended = EndReason::default();
         self.commands
             .send(Command::Resume {
                 request,
@@ -252,16 +314,18 @@ impl Session {
                 offset,
                 reply,
                 events: events_tx,
+                ended: ended.clone(),
             })
             .await
             .context("the session has ended")?;
-        match wait(answer).await? {
+        match wait_reply(answer).await? {
             Response::PtyResumed { session_id, .. } => Ok(Pty {
                 session_id,
                 stream,
                 commands: self.commands.clone(),
                 events,
                 offset,
+                ended,
             }),
             Response::Error { code, message, .. } => {
                 bail!("pty_resume failed ({code:?}): {message}")
@@ -315,10 +379,14 @@ async fn wait<T>(answer: oneshot::Receiver<T>) -> anyhow::Result<T> {
         .context("the session has ended")
 }
 
+async fn wait_reply(answer: oneshot::Receiver<Reply>) -> anyhow::Result<Response> {
+    wait(answer).await?.map_err(anyhow::Error::msg)
+}
+
 /// A streamed `execute` in progress.
 pub struct StreamingExec {
     pieces: mpsc::Receiver<ExecuteOutput>,
-    result: oneshot::Receiver<Response>,
+    result: oneshot::Receiver<Reply>,
 }
 
 impl StreamingExec {
@@ -330,7 +398,7 @@ impl StreamingExec {
     /// The result (`execute_result` without the output, or an error), after
     /// the output.
     pub async fn result(self) -> anyhow::Result<Response> {
-        wait(self.result).await
+        wait_reply(self.result).await
     }
 }
 
@@ -342,9 +410,17 @@ pub struct Pty {
     commands: mpsc::Sender<Command>,
     events: mpsc::Receiver<PtyEvent>,
     offset: u64,
+    ended: EndReason,
 }
 
 impl Pty {
+    /// Why the terminal ended without an exit (its session ended, or it
+    /// could not be resumed after a reconnect), once [`Pty::next`] returned
+    /// `None`.
+    pub fn ended_reason(&self) -> Option<String> {
+        self.ended.lock().unwrap().clone()
+    }
+
     /// Offset just past the output taken so far (what to resume from).
     pub fn offset(&self) -> u64 {
         self.offset
