@@ -148,6 +148,7 @@ pub fn check_data_dir(data_dir: &Path) -> anyhow::Result<()> {
     if let Err(err) = cocoon_signaling::files::ensure_writable_dir(data_dir, "data dir") {
         bail!("{err:#} (or set COCOON_DATA_DIR)");
     }
+    cocoon_signaling::files::remove_stale_temps(data_dir);
     Ok(())
 }
 

@@ -1,5 +1,6 @@
 //! Failures a fleet meets every day, with nothing lost: the signaling
-//! server restarting under live terminals, and a worker that dies.
+//! server restarting under live terminals, a worker that dies, a full disk
+//! under the data dir.
 
 mod common;
 
@@ -181,4 +182,122 @@ async fn a_killed_worker_is_reported_offline() {
     assert_eq!(pty.ended_reason().as_deref(), Some(offline.as_str()));
     assert_eq!(session.ended_reason().as_deref(), Some(offline.as_str()));
     drop(server);
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Self { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Writes zeros until the disk is full (bounded by its size).
+    fn fill(&self) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path().join("filler")).unwrap();
+        let chunk = [0u8; 4096];
+        for _ in 0..100_000 {
+            if file
+                .write_all(&chunk)
+                .and_then(|()| file.sync_all())
+                .is_err()
+            {
+                return;
+            }
+        }
+        panic!("the disk never filled up");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full disk under the data dir: the worker says so plainly, and the
+/// secret, the device id and the task database are never torn.
+#[tokio::test]
+async fn a_full_data_disk_gets_a_clear_error_and_corrupts_nothing() {
+    let server_dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(server_dir.path()).await;
+    let disk = SmallDisk::mount("2m");
+    let data = disk.path().join("worker");
+    let fresh = disk.path().join("fresh");
+    std::fs::create_dir(&fresh).unwrap();
+    let setup = server.token(TokenKind::Setup, "alice");
+    let mut worker = WorkerProcess::spawn(
+        &server.url(),
+        &data,
+        &[("COCOON_SETUP_TOKEN", setup.expose())],
+    );
+    worker.expect_line("💾 Saved device ID to").await;
+    worker.kill().await;
+    let secret = std::fs::read(data.join(".secret")).unwrap();
+    let device_id = std::fs::read(data.join(".device_id")).unwrap();
+
+    disk.fill();
+
+    // A worker that must save a new secret cannot, and says why.
+    let worker = WorkerProcess::spawn(
+        &server.url(),
+        &fresh,
+        &[("COCOON_SETUP_TOKEN", setup.expose())],
+    );
+    let (status, output) = worker.wait_exit().await;
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("No space left on device"), "{output}");
+    assert!(!fresh.join(".secret").exists(), "{output}");
+
+    // The registered worker still starts from what it saved.
+    let mut worker = WorkerProcess::spawn(&server.url(), &data, &[]);
+    worker.expect_line("✅ Registration confirmed").await;
+    // (Stopped, not killed: a kill mid-write leaves a temporary file, which
+    // the next start removes.)
+    worker.terminate().await;
+
+    assert_eq!(std::fs::read(data.join(".secret")).unwrap(), secret);
+    assert_eq!(std::fs::read(data.join(".device_id")).unwrap(), device_id);
+    for dir in [&data, &fresh] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().contains(".tmp"),
+                "a temporary file was left behind: {name:?}"
+            );
+        }
+    }
+    let db = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "db"))
+        .expect("the task database");
+    let check: String = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
 }

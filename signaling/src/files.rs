@@ -37,6 +37,52 @@ fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Removes the temporary files of [`write_private`] calls that a process
+/// killed mid-write left in `dir` (those of running processes stay), so
+/// they do not pile up on a disk that may be full.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.rsplit_once(".tmp"))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Makes an SQLite database private (mode 0600) before it is opened:
+/// creates it so, or narrows an existing one and its WAL and shared-memory
+/// files (SQLite gives those the database's mode). The data dir is 0700 only
+/// when we created it; an operator's may be readable by others.
+pub fn make_db_private(path: &Path) -> anyhow::Result<()> {
+    let context = || format!("cannot make {} private", path.display());
+    fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(context)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match fs::set_permissions(&name, fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(err).with_context(context),
+        }
+    }
+    Ok(())
+}
+
 /// Reads a small text file, trimmed; `None` when it does not exist.
 pub fn read_trimmed(path: &Path) -> anyhow::Result<Option<String>> {
     match fs::read_to_string(path) {
@@ -82,6 +128,42 @@ mod tests {
             1,
             "no temp file left"
         );
+    }
+
+    #[test]
+    fn only_dead_writers_temp_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        // No process has a pid this large (the kernel's limit is 2^22).
+        let dead = dir.path().join(".secret.tmp4294967295");
+        let ours = temp_path(&dir.path().join("health"));
+        let other = dir.path().join("notes.tmpfile");
+        for path in [&dead, &ours, &other] {
+            fs::write(path, b"x").unwrap();
+        }
+        remove_stale_temps(dir.path());
+        assert!(!dead.exists());
+        assert!(ours.exists() && other.exists());
+    }
+
+    #[test]
+    fn databases_are_made_private_with_their_wal_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("fresh.db");
+        make_db_private(&fresh).unwrap();
+        let old = dir.path().join("old.db");
+        for name in ["old.db", "old.db-wal", "old.db-shm"] {
+            let path = dir.path().join(name);
+            fs::write(&path, b"").unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        make_db_private(&old).unwrap();
+        for name in ["fresh.db", "old.db", "old.db-wal", "old.db-shm"] {
+            let mode = fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
     }
 
     #[test]
