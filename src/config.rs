@@ -9,7 +9,7 @@ use cocoon_signaling::protocol::Secret;
 
 use crate::link::rtc::{RtcConfig, parse_ice_servers, parse_network};
 use crate::services::exec::ExecPolicy;
-use crate::services::process::{EnvPolicy, Limits};
+use crate::services::process::{EnvPolicy, Limits, Sandbox};
 use crate::services::pty::PtyConfig;
 use crate::services::query::QueryConfig;
 
@@ -189,6 +189,17 @@ pub struct LimitArgs {
     /// How long a PTY session lives with nobody attached.
     #[arg(long, env = "COCOON_DETACH_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub detach_timeout: Duration,
+    /// Isolate every command and terminal: `bwrap` runs them in a
+    /// bubblewrap sandbox (a read-only machine, a private /tmp, the data
+    /// dir hidden, no capabilities); `none` does not.
+    #[arg(long, env = "COCOON_SANDBOX", default_value = "none", value_parser = ["none", "bwrap"])]
+    pub sandbox: String,
+    /// Paths sandboxed programs may write to, comma-separated.
+    #[arg(long, env = "COCOON_SANDBOX_WRITABLE", value_delimiter = ',')]
+    pub sandbox_writable: Vec<PathBuf>,
+    /// Sandboxed programs get no network.
+    #[arg(long, env = "COCOON_SANDBOX_NO_NETWORK", value_parser = clap::builder::BoolishValueParser::new())]
+    pub sandbox_no_network: bool,
 }
 
 impl LimitArgs {
@@ -204,22 +215,35 @@ impl LimitArgs {
         }
     }
 
-    /// The `execute` policy.
-    pub fn exec_policy(&self) -> ExecPolicy {
+    /// The sandbox these flags describe; it hides the worker's `data_dir`.
+    pub fn sandbox(&self, data_dir: &std::path::Path) -> Option<Sandbox> {
+        // bwrap's paths are absolute.
+        let absolute = |path: &std::path::Path| std::path::absolute(path).unwrap_or(path.into());
+        (self.sandbox == "bwrap").then(|| Sandbox {
+            writable: self.sandbox_writable.iter().map(|p| absolute(p)).collect(),
+            hidden: vec![absolute(data_dir)],
+            network: !self.sandbox_no_network,
+        })
+    }
+
+    /// The `execute` policy of a worker whose data dir is `data_dir`.
+    pub fn exec_policy(&self, data_dir: &std::path::Path) -> ExecPolicy {
         ExecPolicy {
             default_timeout: self.exec_timeout,
             max_timeout: self.exec_max_timeout,
             limits: self.limits(),
+            sandbox: self.sandbox(data_dir),
             ..ExecPolicy::default()
         }
     }
 
-    /// The PTY settings.
-    pub fn pty_config(&self) -> PtyConfig {
+    /// The PTY settings of a worker whose data dir is `data_dir`.
+    pub fn pty_config(&self, data_dir: &std::path::Path) -> PtyConfig {
         PtyConfig {
             max_sessions: self.max_sessions,
             detach_timeout: self.detach_timeout,
             limits: self.limits(),
+            sandbox: self.sandbox(data_dir),
             ..PtyConfig::default()
         }
     }
@@ -321,5 +345,30 @@ mod tests {
             let err = parse_services(bad).unwrap_err();
             assert!(!err.is_empty(), "{bad}");
         }
+    }
+
+    /// The proxy's target is always 127.0.0.1: a service is a port, and no
+    /// spelling of a host gets into the list.
+    #[test]
+    fn services_never_name_a_host() {
+        for host in [
+            "meta:169.254.169.254:80",
+            "meta:169.254.169.254",
+            "meta:[::]:80",
+            "meta:[::ffff:a9fe:a9fe]:80",
+            "meta:0.0.0.0:80",
+            "meta:localhost:80",
+            "meta:2852039166",
+            "meta:0xa9fe",
+            "meta:http://169.254.169.254/",
+        ] {
+            assert!(parse_services(host).is_err(), "{host}");
+        }
+        // Something that looks like an address is just a name: the service
+        // "169.254.169.254" on 127.0.0.1:80.
+        assert_eq!(
+            parse_services("169.254.169.254:80"),
+            Ok(Services(vec![("169.254.169.254".into(), 80)]))
+        );
     }
 }

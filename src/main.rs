@@ -21,13 +21,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| cli.default_log_level().into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    cocoon_signaling::logs::init(cli.default_log_level());
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     match cli.run(shutdown).await {

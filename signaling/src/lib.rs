@@ -16,6 +16,7 @@
 //! - [`conn`]: one WebSocket connection's reader and writer.
 //! - [`server`]: HTTP, TLS, the accept loop, shutdown.
 //! - [`web`]: the browser client's static files, served at `/`.
+//! - [`logs`]: the binaries' logging, which never carries message contents.
 //!
 //! The data flows `server` → `conn` → `hub` → another connection's outbox.
 
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod ice;
 pub mod identity;
 pub mod limit;
+pub mod logs;
 pub mod protocol;
 pub mod server;
 pub mod store;

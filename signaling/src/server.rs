@@ -100,6 +100,9 @@ struct AppState {
     tracker: TaskTracker,
     allowed_origins: Arc<[String]>,
     timeouts: Timeouts,
+    /// Development mode: `/ws` answers only requests addressed to a loopback
+    /// host name (see [`loopback_host`]).
+    loopback_hosts_only: bool,
 }
 
 /// A bound, ready server. Call [`Server::run`] to serve.
@@ -111,6 +114,7 @@ pub struct Server {
     max_connections: usize,
     timeouts: Timeouts,
     web_root: Option<PathBuf>,
+    loopback_hosts_only: bool,
 }
 
 impl Server {
@@ -131,6 +135,7 @@ impl Server {
         let tokens = load_token_key(&config.data_dir)?;
         let store = Store::open(&config.data_dir)?;
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+        let loopback_hosts_only = config.dev_owner.is_some();
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -142,6 +147,7 @@ impl Server {
             max_connections: config.max_connections,
             timeouts: config.timeouts,
             web_root: config.web_root,
+            loopback_hosts_only,
         })
     }
 
@@ -167,6 +173,7 @@ impl Server {
             tracker: tracker.clone(),
             allowed_origins: self.allowed_origins.clone(),
             timeouts: self.timeouts,
+            loopback_hosts_only: self.loopback_hosts_only,
         };
         let app = router(state, self.web_root.clone());
         let slots = Arc::new(Semaphore::new(self.max_connections));
@@ -282,6 +289,13 @@ async fn ws_upgrade(
     if !origin_allowed(&headers, &state.allowed_origins) {
         return (StatusCode::FORBIDDEN, "cross-origin WebSocket refused\n").into_response();
     }
+    if state.loopback_hosts_only && !loopback_host(&headers) {
+        return (
+            StatusCode::FORBIDDEN,
+            "development mode answers only loopback host names\n",
+        )
+            .into_response();
+    }
     upgrade
         .max_message_size(HARD_FRAME_LIMIT)
         .max_frame_size(HARD_FRAME_LIMIT)
@@ -317,6 +331,30 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"));
     host.is_some() && origin_host == host
+}
+
+/// Whether `Host` names a loopback address (`127.0.0.1`, `[::1]`, …) or
+/// `localhost`. A DNS-rebinding page reaches a loopback server under a name
+/// of its own, with `Origin` and `Host` agreeing on that name, so the origin
+/// check alone lets it in; in development mode, where a local registration
+/// is claimed without a token, the host name must be loopback too.
+fn loopback_host(headers: &HeaderMap) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((name, rest)) if rest.is_empty() || rest.starts_with(':') => name,
+            _ => return false,
+        },
+        None => host.split_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 #[derive(Serialize)]
@@ -391,5 +429,34 @@ mod tests {
             &allowed
         ));
         assert!(!origin_allowed(&headers(Some("null"), "h:1"), &allowed));
+    }
+
+    #[test]
+    fn loopback_host_names() {
+        for host in [
+            "127.0.0.1:8080",
+            "127.0.0.1",
+            "127.1.2.3:1",
+            "localhost:8080",
+            "LOCALHOST",
+            "app.localhost:8080",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(loopback_host(&headers(None, host)), "{host}");
+        }
+        for host in [
+            "rebind.evil.example:8080",
+            "localhost.evil.example:8080",
+            "127.0.0.1.evil.example",
+            "10.0.0.1:8080",
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "[::ffff:127.0.0.1]x",
+            "",
+        ] {
+            assert!(!loopback_host(&headers(None, host)), "{host}");
+        }
+        assert!(!loopback_host(&HeaderMap::new()), "no Host at all");
     }
 }

@@ -80,6 +80,7 @@ impl Store {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let path = data_dir.join(DB_FILE);
+        crate::files::make_db_private(&path)?;
         let db = Connection::open(&path)
             .with_context(|| format!("cannot open database {}", path.display()))?;
         db.execute_batch(

@@ -13,11 +13,10 @@ use cocoon_signaling::protocol::service::{
 };
 use nix::sys::signal::Signal;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::process::{EnvPolicy, Limits, exit_code, prepare, signal_group};
+use super::process::{EnvPolicy, Limits, Sandbox, exit_code, prepare, signal_group};
 use super::tasks::{TaskKind, TaskStatus, TaskStore};
 use super::{ReplyTo, ServiceError};
 
@@ -42,6 +41,8 @@ pub struct ExecPolicy {
     pub max_concurrent: usize,
     /// Resource limits of the command.
     pub limits: Limits,
+    /// Bubblewrap isolation, when the operator enables it.
+    pub sandbox: Option<Sandbox>,
 }
 
 impl Default for ExecPolicy {
@@ -56,6 +57,7 @@ impl Default for ExecPolicy {
             max_files_total: 256 * 1024,
             max_concurrent: 32,
             limits: Limits::defaults(),
+            sandbox: None,
         }
     }
 }
@@ -141,7 +143,9 @@ impl Executor {
             true => Some(self.tasks.start(TaskKind::Execute, &request.command).await),
             false => None,
         };
-        let mut result = self.spawn_and_wait(&request, env, timeout, sink).await;
+        let mut result = self
+            .spawn_and_wait(&request, env, &out_dir, timeout, sink)
+            .await;
         let (files, files_truncated) = collect_files(&out_dir, &self.policy).await;
         result.files = files;
         result.data.truncated |= files_truncated;
@@ -163,13 +167,19 @@ impl Executor {
         &self,
         request: &Execute,
         env: Vec<(String, String)>,
+        out_dir: &Path,
         timeout: Duration,
         sink: Option<&ReplyTo>,
     ) -> ExecuteResult {
-        let mut command = Command::new("sh");
+        let mut command = super::process::command(
+            "sh",
+            &["-c".into(), request.command.clone()],
+            self.policy.sandbox.as_ref(),
+            Some(out_dir),
+            request.cwd.as_deref().map(Path::new),
+            false,
+        );
         command
-            .arg("-c")
-            .arg(&request.command)
             .env_clear()
             .envs(env)
             .stdin(if request.input.is_some() {
@@ -180,9 +190,6 @@ impl Executor {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        if let Some(cwd) = &request.cwd {
-            command.current_dir(cwd);
-        }
         prepare(&mut command, self.policy.limits.clone(), false);
         let mut child = match command.spawn() {
             Ok(child) => child,
@@ -374,6 +381,11 @@ async fn collect_files(dir: &Path, policy: &ExecPolicy) -> (Vec<OutputFile>, boo
         policy.max_files_total,
     );
     tokio::task::spawn_blocking(move || {
+        // The command may have replaced its directory with a link to
+        // somewhere else: only a real directory is walked.
+        if !std::fs::symlink_metadata(&dir).is_ok_and(|meta| meta.is_dir()) {
+            return (Vec::new(), false);
+        }
         let mut found = Vec::new();
         walk(&dir, &dir, &mut found, 0);
         found.sort();
@@ -385,10 +397,14 @@ async fn collect_files(dir: &Path, policy: &ExecPolicy) -> (Vec<OutputFile>, boo
                 truncated = true;
                 continue;
             }
-            let Ok(bytes) = std::fs::read(dir.join(&relative)) else {
+            let Ok(bytes) = read_regular(&dir.join(&relative), max_file) else {
                 truncated = true;
                 continue;
             };
+            if bytes.len() as u64 > max_file || total + bytes.len() as u64 > max_total {
+                truncated = true;
+                continue;
+            }
             total += bytes.len() as u64;
             let (content, encoding) = Encoding::encode(&bytes);
             files.push(OutputFile {
@@ -402,6 +418,24 @@ async fn collect_files(dir: &Path, policy: &ExecPolicy) -> (Vec<OutputFile>, boo
     })
     .await
     .unwrap_or_default()
+}
+
+/// Reads a regular file, at most `cap + 1` bytes of it. A link or a FIFO
+/// put in its place since the walk (by something the command left running)
+/// is refused, not followed or waited on.
+fn read_regular(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(cap + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Collects `(relative path, size)` of regular files, at most 8 levels deep.
@@ -462,6 +496,22 @@ fn fit_to_budget(result: &mut ExecuteResult, budget: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_regular_files_are_read_and_at_most_one_byte_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"0123456789").unwrap();
+        assert_eq!(read_regular(&file, 100).unwrap(), b"0123456789");
+        assert_eq!(read_regular(&file, 4).unwrap(), b"01234");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(read_regular(&link, 100).is_err(), "a link is not followed");
+        // A FIFO with no writer would block an ordinary open forever.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(read_regular(&fifo, 100).is_err(), "a FIFO is not read");
+    }
 
     #[test]
     fn oversized_results_are_cut_to_fit() {

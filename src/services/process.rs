@@ -2,7 +2,9 @@
 //! group, resource limits, and a way to be killed with all its descendants.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 
 use cocoon_signaling::protocol::service::ServiceErrorCode;
@@ -85,6 +87,125 @@ impl Limits {
             }
         }
         Ok(())
+    }
+}
+
+/// Bubblewrap isolation of every child (`bwrap`, Debian's `bubblewrap`): a
+/// read-only view of the machine with its own `/tmp`, `/dev` and `/proc`,
+/// the paths in `hidden` (the worker's data dir) replaced by empty ones,
+/// writable only where the operator says, in PID, IPC and UTS namespaces of
+/// its own, with no capabilities, and optionally without the network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Paths the programs may write to (bound read-write).
+    pub writable: Vec<PathBuf>,
+    /// Paths the programs must not see (an empty tmpfs over each).
+    pub hidden: Vec<PathBuf>,
+    /// Whether the programs share the machine's network.
+    pub network: bool,
+}
+
+impl Sandbox {
+    /// The `bwrap` arguments up to the program: `also_writable` is one more
+    /// read-write path (an `execute`'s output directory), `cwd` where the
+    /// program starts, `tty` whether it keeps the controlling terminal.
+    fn args(&self, also_writable: Option<&Path>, cwd: Option<&Path>, tty: bool) -> Vec<OsString> {
+        let mut args: Vec<OsString> = [
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--cap-drop",
+            "ALL",
+            "--ro-bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--tmpfs",
+            "/tmp",
+        ]
+        .map(OsString::from)
+        .into();
+        if !self.network {
+            args.push("--unshare-net".into());
+        }
+        // Later mounts go on top of earlier ones: hide first, then open up.
+        for path in &self.hidden {
+            args.extend(["--tmpfs".into(), path.into()]);
+        }
+        for path in self
+            .writable
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(also_writable)
+        {
+            args.extend(["--bind".into(), path.into(), path.into()]);
+        }
+        if let Some(cwd) = cwd {
+            args.extend(["--chdir".into(), cwd.into()]);
+        }
+        // A program without a terminal gets a session of its own, so it
+        // cannot push input into the worker's (TIOCSTI).
+        if !tty {
+            args.push("--new-session".into());
+        }
+        args.push("--".into());
+        args
+    }
+
+    /// Checks that bubblewrap is installed and can build a sandbox here
+    /// (user namespaces allowed); the error says what to do.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let mut probe = std::process::Command::new("bwrap");
+        probe
+            .args(self.args(None, None, false))
+            .arg("true")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        let output = probe.output().map_err(|err| {
+            anyhow::anyhow!("COCOON_SANDBOX=bwrap needs bubblewrap (apt install bubblewrap): {err}")
+        })?;
+        anyhow::ensure!(
+            output.status.success(),
+            "bubblewrap cannot build a sandbox on this machine ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        Ok(())
+    }
+}
+
+/// The command that runs `program` with `args`, in `sandbox` when there is
+/// one (see [`Sandbox::args`] for `also_writable`, `cwd` and `tty`).
+pub fn command(
+    program: &str,
+    args: &[String],
+    sandbox: Option<&Sandbox>,
+    also_writable: Option<&Path>,
+    cwd: Option<&Path>,
+    tty: bool,
+) -> tokio::process::Command {
+    match sandbox {
+        None => {
+            let mut command = tokio::process::Command::new(program);
+            command.args(args);
+            if let Some(cwd) = cwd {
+                command.current_dir(cwd);
+            }
+            command
+        }
+        Some(sandbox) => {
+            let mut command = tokio::process::Command::new("bwrap");
+            command
+                .args(sandbox.args(also_writable, cwd, tty))
+                .arg(program)
+                .args(args);
+            command
+        }
     }
 }
 

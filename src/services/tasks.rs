@@ -91,6 +91,8 @@ impl TaskStore {
     /// worker process are marked failed: nobody will finish them.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let path = data_dir.join("tasks.db");
+        // Every command run is in here: for the worker's user only.
+        cocoon_signaling::files::make_db_private(&path)?;
         let db =
             Connection::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         db.execute_batch(

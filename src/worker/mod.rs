@@ -84,10 +84,10 @@ impl TryFrom<WorkerArgs> for WorkerConfig {
             setup_token,
             name: args.name,
             services: args.services,
+            exec: args.limits.exec_policy(&args.data_dir),
+            pty: args.limits.pty_config(&args.data_dir),
             data_dir: args.data_dir,
             ca_file: args.ca_file,
-            exec: args.limits.exec_policy(),
-            pty: args.limits.pty_config(),
             env: args.limits.env_policy(),
             proxy_timeout: args.limits.proxy_timeout,
             queries,
@@ -109,6 +109,9 @@ const OUTBOUND_QUEUE: usize = 256;
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     println!("🐛 Cocoon starting");
     check_data_dir(&config.data_dir)?;
+    if let Some(sandbox) = &config.exec.sandbox {
+        sandbox.check()?;
+    }
     let mut identity = Identity::load(&config.data_dir, config.secret.clone())?;
     let tls = crate::tls::client_config(config.ca_file.as_deref())?;
     let mut node = start_services(&config)?;

@@ -15,7 +15,7 @@ use cocoon_signaling::protocol::ClientId;
 use cocoon_signaling::protocol::service::{AttachPty, Response, ServiceErrorCode, SessionId};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::process::{EnvPolicy, Limits};
+use super::process::{EnvPolicy, Limits, Sandbox};
 use super::tasks::{TaskKind, TaskStatus, TaskStore};
 use super::{ReplyTo, ServiceError};
 pub use session::Control;
@@ -39,6 +39,8 @@ pub struct PtyConfig {
     pub detach_timeout: Duration,
     /// Resource limits of the session's programs.
     pub limits: Limits,
+    /// Bubblewrap isolation, when the operator enables it.
+    pub sandbox: Option<Sandbox>,
 }
 
 impl Default for PtyConfig {
@@ -49,6 +51,7 @@ impl Default for PtyConfig {
             window_bytes: 256 * 1024,
             detach_timeout: Duration::from_secs(600),
             limits: Limits::defaults(),
+            sandbox: None,
         }
     }
 }
@@ -122,6 +125,7 @@ impl PtyManager {
                 env,
                 cwd,
                 limits: self.config.limits.clone(),
+                sandbox: self.config.sandbox.as_ref(),
             },
             request.cols,
             request.rows,
@@ -157,8 +161,10 @@ impl PtyManager {
             } else {
                 TaskStatus::Failed
             };
-            tasks.finish(task, status, Some(code)).await;
+            // The slot first: a client that attaches right after the exit
+            // must not be told the worker is busy.
             drop(slot);
+            tasks.finish(task, status, Some(code)).await;
         });
         Ok(Response::PtyCreated {
             session_id: id,

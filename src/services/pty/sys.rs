@@ -10,9 +10,9 @@ use nix::pty::{Winsize, openpty};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
-use crate::services::process::{Limits, prepare};
+use crate::services::process::{Limits, Sandbox, command, prepare};
 
 nix::ioctl_write_ptr_bad!(set_winsize, nix::libc::TIOCSWINSZ, Winsize);
 
@@ -47,6 +47,8 @@ pub struct Program<'a> {
     pub cwd: Option<&'a Path>,
     /// Resource limits.
     pub limits: Limits,
+    /// Bubblewrap isolation, if any.
+    pub sandbox: Option<&'a Sandbox>,
 }
 
 /// Opens a PTY of the given size and starts the program on it as the leader
@@ -56,18 +58,21 @@ pub fn spawn(program: Program<'_>, cols: u16, rows: u16) -> std::io::Result<Spaw
     for fd in [&pair.master, &pair.slave] {
         fcntl(fd.as_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
     }
-    let mut command = Command::new(program.program);
+    let mut command = command(
+        program.program,
+        &program.args,
+        program.sandbox,
+        None,
+        program.cwd,
+        true,
+    );
     command
-        .args(&program.args)
         .env_clear()
         .envs(program.env)
         .stdin(Stdio::from(pair.slave.try_clone()?))
         .stdout(Stdio::from(pair.slave.try_clone()?))
         .stderr(Stdio::from(pair.slave.try_clone()?))
         .kill_on_drop(true);
-    if let Some(cwd) = program.cwd {
-        command.current_dir(cwd);
-    }
     prepare(&mut command, program.limits, true);
     let child = command.spawn()?;
     // The parent's copies of the slave must go, or reads never see EOF.
