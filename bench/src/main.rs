@@ -14,6 +14,7 @@ use serde::Serialize;
 
 mod bare;
 mod chromium;
+mod hop;
 mod peers;
 mod stats;
 mod systems;
@@ -40,7 +41,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "raw,webrtc,dc,relay,chromium,ssh,terminado,wetty"
+        default_value = "raw,webrtc,dc,relay,hop,ws,chromium,ssh,terminado,wetty"
     )]
     systems: Vec<System>,
     /// Where cocoon and cocoon-signaling are (a cargo profile dir).
@@ -72,6 +73,12 @@ enum System {
     Dc,
     /// cocoon, Rust client, the signaling server's WebSocket relay.
     Relay,
+    /// The signaling server's relay hop alone: 1-byte session frames and
+    /// 16 KiB ones between two WebSockets of the harness (hop.rs).
+    Hop,
+    /// The same traffic over one direct loopback WebSocket: `hop`'s
+    /// baseline.
+    Ws,
     /// cocoon's browser terminal (xterm.js) in Chromium, data channel.
     Chromium,
     /// OpenSSH (Debian's), `ssh -tt` to an `sshd` of our own.
@@ -89,12 +96,19 @@ impl System {
             System::Webrtc => "webrtc-rs data channel alone, no PTY",
             System::Dc => "cocoon, data channel (Rust client)",
             System::Relay => "cocoon, WebSocket relay (Rust client)",
+            System::Hop => "signaling server's relay hop alone (frames, no PTY)",
+            System::Ws => "one direct loopback WebSocket (the hop's baseline)",
             // Its throughput runs are shorter: chromium::MAX_MEGABYTES.
             System::Chromium => "cocoon in Chromium (xterm.js, data channel; ≤ 50 MB runs)",
             System::Ssh => "OpenSSH",
             System::Terminado => "terminado (Python, WebSocket)",
             System::Wetty => "WeTTY (Node.js, socket.io)",
         }
+    }
+
+    /// Not a terminal: frames between two WebSocket ends (hop.rs).
+    fn frames_only(self) -> bool {
+        matches!(self, System::Hop | System::Ws)
     }
 
     fn peer(self) -> Option<Peer> {
@@ -128,6 +142,7 @@ impl Stage {
             (System::Webrtc, ..) => vec![self.bare_peer_pid.load(Ordering::Relaxed)],
             (System::Dc, ..) => vec![self.worker_pid],
             (System::Relay, ..) => vec![self.worker_pid, self.server_pid],
+            (System::Hop, ..) => vec![self.server_pid],
             (System::Chromium, ..) => self.chromium.iter().map(|c| c.worker_pid()).collect(),
             (_, Some(peer), Some(peers)) => peers.server_side_pids(peer),
             _ => Vec::new(),
@@ -190,6 +205,9 @@ struct Report {
     relay_to_p2p_ms: Vec<f64>,
     signaling_rss_idle_mb: f64,
     signaling_kb_per_idle_worker: f64,
+    /// What the signaling server's relay hop adds to a round trip: the
+    /// `hop` system's echo p50 less the `ws` system's (medians over rounds).
+    relay_hop_added_p50_us: Option<f64>,
 }
 
 #[tokio::main]
@@ -263,6 +281,16 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
             report.rounds.entry(system).or_default().push(figures);
         }
     }
+    report.relay_hop_added_p50_us = match (
+        report.rounds.get(&System::Hop),
+        report.rounds.get(&System::Ws),
+    ) {
+        (Some(hop), Some(ws)) => {
+            let p50 = |rounds: &Vec<Round>| median(rounds.iter().map(|r| r.echo_p50_us));
+            Some(p50(hop) - p50(ws))
+        }
+        _ => None,
+    };
 
     // Once every client is gone, the worker should be idle again.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -304,6 +332,9 @@ async fn measure(args: &Args, stage: &Stage, system: System) -> anyhow::Result<R
         let megabytes = args.megabytes.min(chromium::MAX_MEGABYTES);
         return chromium.measure(args.echoes, megabytes * 1_000_000).await;
     }
+    if system.frames_only() {
+        return measure_frames(args, stage, system).await;
+    }
     let mut round = Round::default();
     let (mut terminal, first) = stage.open(system).await.context("opening")?;
     round.first_output_ms = first.filter(|_| system != System::Raw).map(ms);
@@ -340,6 +371,38 @@ async fn measure(args: &Args, stage: &Stage, system: System) -> anyhow::Result<R
         tokio::time::sleep(Duration::from_secs(5)).await;
         round.rss_after_stall_mb = Some(mb(rss_of(&stage.server_pids(system))));
         terminal.close().await;
+    }
+    Ok(round)
+}
+
+/// The relay hop (`hop`) or its baseline (`ws`): a fresh pair of ends per
+/// measurement, as the terminals are fresh.
+async fn measure_frames(args: &Args, stage: &Stage, system: System) -> anyhow::Result<Round> {
+    let open = || async move {
+        match system {
+            System::Hop => {
+                let cocoon = &stage.cocoon;
+                hop::Pair::through_relay(&cocoon.url, &cocoon.access, &cocoon.setup).await
+            }
+            _ => hop::Pair::direct().await,
+        }
+    };
+    let mut round = Round::default();
+    let times = open()
+        .await?
+        .ping_pong(args.echoes)
+        .await
+        .context("echoes")?;
+    round.echo_p50_us = us(percentile(&times, 50.0));
+    round.echo_p99_us = us(percentile(&times, 99.0));
+    let mut pair = open().await?;
+    let pids = stage.server_pids(system);
+    let bytes = args.megabytes * 1_000_000;
+    let cpu_before = cpu_of(&pids);
+    let took = pair.bulk(bytes).await.context("throughput")?;
+    round.mb_per_s = bytes as f64 / 1e6 / took.as_secs_f64();
+    if !pids.is_empty() {
+        round.cpu_s_per_100mb = Some((cpu_of(&pids) - cpu_before) * 100e6 / bytes as f64);
     }
     Ok(round)
 }
@@ -440,10 +503,13 @@ fn print_report(args: &Args, report: &Report) {
         };
         let first = of(|r| r.first_output_ms).map_or_else(dash, |v| format!("{v:.0}"));
         let mut ratios = Vec::new();
-        if let Some(raw) = raw_p50.filter(|_| *system != System::Raw) {
+        let terminal = !system.frames_only();
+        if let Some(raw) = raw_p50.filter(|_| terminal && *system != System::Raw) {
             ratios.push(format!("{:.1}× raw", p50 / raw));
         }
-        if let Some(ssh) = ssh_p50.filter(|_| !matches!(system, System::Raw | System::Ssh)) {
+        if let Some(ssh) =
+            ssh_p50.filter(|_| terminal && !matches!(system, System::Raw | System::Ssh))
+        {
             ratios.push(format!("{:.2}× ssh", p50 / ssh));
         }
         let ratios = match ratios.is_empty() {
@@ -451,7 +517,7 @@ fn print_report(args: &Args, report: &Report) {
             false => format!(" ({})", ratios.join(", ")),
         };
         let mbs_ratio = ssh_mbs
-            .filter(|_| !matches!(system, System::Raw | System::Ssh))
+            .filter(|_| terminal && !matches!(system, System::Raw | System::Ssh))
             .map(|ssh| format!(" ({:.2}× ssh)", mbs / ssh))
             .unwrap_or_default();
         println!(
@@ -460,6 +526,7 @@ fn print_report(args: &Args, report: &Report) {
         );
     }
     println!();
+    print_hop(report);
     println!(
         "relay → P2P: median {:.0} ms",
         median(report.relay_to_p2p_ms.iter().copied())
@@ -475,5 +542,26 @@ fn print_report(args: &Args, report: &Report) {
     println!(
         "signaling server RSS: {:.1} MB idle; {:.1} KB per idle registered worker ({} workers)",
         report.signaling_rss_idle_mb, report.signaling_kb_per_idle_worker, args.idle_workers
+    );
+}
+
+/// The relay hop against its baseline, when both ran.
+fn print_hop(report: &Report) {
+    let (Some(added), Some(hop), Some(ws)) = (
+        report.relay_hop_added_p50_us,
+        report.rounds.get(&System::Hop),
+        report.rounds.get(&System::Ws),
+    ) else {
+        return;
+    };
+    let p50 = |r: &Vec<Round>| median(r.iter().map(|x| x.echo_p50_us));
+    let mbs = |r: &Vec<Round>| median(r.iter().map(|x| x.mb_per_s));
+    println!(
+        "relay hop: {added:+.0} µs per round trip (echo p50 {:.0} vs {:.0} µs on one direct WebSocket); {:.0} vs {:.0} MB/s ({:.2}×)",
+        p50(hop),
+        p50(ws),
+        mbs(hop),
+        mbs(ws),
+        mbs(hop) / mbs(ws)
     );
 }

@@ -39,6 +39,7 @@ pub fn raw_pty() -> anyhow::Result<Terminal> {
             env,
             cwd: None,
             limits: Limits::defaults(),
+            sandbox: None,
         },
         80,
         24,
@@ -108,6 +109,8 @@ impl Drop for Aborting {
 pub struct Cocoon {
     pub url: String,
     pub access: Secret,
+    /// Claims a device for the owner of `access` (the relay hop's far end).
+    pub setup: Secret,
     pub device: DeviceId,
     pub server: Child,
     pub worker: Child,
@@ -252,6 +255,7 @@ impl Cocoon {
         Ok(Self {
             url,
             access,
+            setup,
             device,
             server,
             worker,

@@ -16,7 +16,7 @@ fn a_smoke_run_produces_every_figure() {
             "--bin",
             "target/debug",
             "--systems",
-            "raw,webrtc,dc,relay,chromium",
+            "raw,webrtc,dc,relay,hop,ws,chromium",
         ])
         .output()
         .unwrap();
@@ -31,6 +31,9 @@ fn a_smoke_run_produces_every_figure() {
         "| webrtc-rs data channel alone, no PTY |",
         "| cocoon, data channel (Rust client) |",
         "| cocoon, WebSocket relay (Rust client) |",
+        "| signaling server's relay hop alone (frames, no PTY) |",
+        "| one direct loopback WebSocket (the hop's baseline) |",
+        "relay hop: ",
         "| cocoon in Chromium (xterm.js, data channel; ≤ 50 MB runs) |",
         "relay → P2P: median ",
         "worker RSS: idle ",
