@@ -1,7 +1,7 @@
 //! The signaling WebSocket, typed: `send(ToServer)` and `recv() -> FromServer`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -35,6 +35,8 @@ pub enum Incoming {
 /// A connection to the signaling server.
 pub struct WsLink {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// When the server last sent anything, its pings included.
+    last_heard: Instant,
 }
 
 impl WsLink {
@@ -53,7 +55,16 @@ impl WsLink {
             .await
             .with_context(|| format!("connecting to {url} timed out"))?
             .with_context(|| format!("cannot connect to {url}"))?;
-        Ok(Self { stream })
+        Ok(Self {
+            stream,
+            last_heard: Instant::now(),
+        })
+    }
+
+    /// How long the server has sent nothing at all (it pings every 20 s);
+    /// updated while [`WsLink::recv_any`] or [`WsLink::recv`] waits.
+    pub fn silent_for(&self) -> Duration {
+        self.last_heard.elapsed()
     }
 
     /// Sends one message.
@@ -82,6 +93,7 @@ impl WsLink {
                 None | Some(Ok(Message::Close(_))) => return Ok(None),
                 Some(frame) => frame.context("signaling connection lost")?,
             };
+            self.last_heard = Instant::now();
             match frame {
                 Message::Text(text) => {
                     let message = serde_json::from_str(&text).with_context(|| {
@@ -113,5 +125,43 @@ impl WsLink {
     /// Closes the connection politely.
     pub async fn close(mut self) {
         let _ = self.stream.close(None).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that only pings (as the signaling server does when there is
+    /// nothing to say) is not silent: a worker must not take it for dead.
+    #[tokio::test]
+    async fn pings_count_as_hearing_from_the_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            for _ in 0..100 {
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let tls = crate::tls::client_config(None).unwrap();
+        let mut link = WsLink::connect(&format!("ws://{addr}/ws"), tls)
+            .await
+            .unwrap();
+        let listen = tokio::time::sleep(Duration::from_millis(600));
+        tokio::pin!(listen);
+        tokio::select! {
+            incoming = link.recv_any() => panic!("only pings were sent: {incoming:?}"),
+            _ = &mut listen => {}
+        }
+        assert!(
+            link.silent_for() < Duration::from_millis(300),
+            "{:?} since the last ping",
+            link.silent_for()
+        );
     }
 }

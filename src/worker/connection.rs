@@ -58,7 +58,7 @@ async fn serve_loop(
     peers: &mut HashMap<ClientId, PeerHandle>,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let mut last_heard = Instant::now();
+    let mut silence = tokio::time::interval(SERVER_SILENCE / 12);
     // Ask for the server's STUN/TURN servers now and again at half their
     // credentials' lifetime (a server without any answers with an empty list).
     let mut ask_ice_at = node.rtc.as_ref().map(|_| Instant::now());
@@ -73,7 +73,14 @@ async fn serve_loop(
                 }
                 continue;
             }
-            incoming = tokio::time::timeout_at(last_heard + SERVER_SILENCE, link.recv_any()) => incoming,
+            _ = silence.tick() => {
+                if link.silent_for() >= SERVER_SILENCE {
+                    tracing::warn!("the signaling server went silent");
+                    return Ended::Lost;
+                }
+                continue;
+            }
+            incoming = link.recv_any() => incoming,
             Some(outgoing) = node.outbound.recv() => {
                 if let Err(err) = send(link, outgoing).await {
                     tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
@@ -83,18 +90,13 @@ async fn serve_loop(
             }
         };
         let incoming = match incoming {
-            Err(_) => {
-                tracing::warn!("the signaling server went silent");
-                return Ended::Lost;
-            }
-            Ok(Ok(Some(incoming))) => incoming,
-            Ok(Ok(None)) => return Ended::Lost,
-            Ok(Err(err)) => {
+            Ok(Some(incoming)) => incoming,
+            Ok(None) => return Ended::Lost,
+            Err(err) => {
                 tracing::warn!(err = format!("{err:#}"), "signaling connection failed");
                 return Ended::Lost;
             }
         };
-        last_heard = Instant::now();
         match incoming {
             Incoming::Message(FromServer::IceServers {
                 ice_servers,

@@ -31,6 +31,9 @@ const REOFFER_AFTER: Duration = Duration::from_secs(3);
 /// long, then twice as long each time up to the cap.
 const REJOIN_FIRST: Duration = Duration::from_millis(250);
 const REJOIN_MAX: Duration = Duration::from_secs(5);
+/// With nothing from the server (it pings every 20 s) for this long, the
+/// connection is presumed dead.
+const SERVER_SILENCE: Duration = Duration::from_secs(60);
 
 /// How to reach the signaling server again.
 pub(super) struct Dial {
@@ -960,6 +963,13 @@ impl Driver {
         }
         if self.link.is_none() {
             self.try_rejoin().await;
+        }
+        if self
+            .link
+            .as_ref()
+            .is_some_and(|link| link.silent_for() >= SERVER_SILENCE)
+        {
+            self.link_lost("the signaling server went silent");
         }
         if let Some(link) = &mut self.link
             && self.ask_ice_at.is_some_and(|at| at <= now)
