@@ -71,7 +71,19 @@ impl Pair {
     /// `access` owns it) and a near end authenticated with `access`, both on
     /// the signaling server at `url`.
     pub async fn through_relay(url: &str, access: &Secret, setup: &Secret) -> anyhow::Result<Self> {
-        let mut far = connect(url).await?;
+        Self::across(url, url, access, setup).await
+    }
+
+    /// Like [`Pair::through_relay`], with the near end on the server at
+    /// `near_url` and the far end on the one at `far_url` (two instances of
+    /// a fleet, see fleet.rs).
+    pub async fn across(
+        near_url: &str,
+        far_url: &str,
+        access: &Secret,
+        setup: &Secret,
+    ) -> anyhow::Result<Self> {
+        let mut far = connect(far_url).await?;
         let register = ToServer::Register {
             secret: generate_secret(),
             device_id: None,
@@ -86,7 +98,7 @@ impl Pair {
             } => device_id,
             other => anyhow::bail!("the far end's registration: {other:?}"),
         };
-        let mut near = connect(url).await?;
+        let mut near = connect(near_url).await?;
         let authenticate = ToServer::Authenticate {
             access_token: access.clone(),
         };

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 mod bare;
 mod chromium;
+mod fleet;
 mod hop;
 mod peers;
 mod stats;
@@ -79,6 +80,9 @@ enum System {
     /// The same traffic over one direct loopback WebSocket: `hop`'s
     /// baseline.
     Ws,
+    /// `hop` across two signaling instances of a NATS fleet (fleet.rs;
+    /// needs `nats-server`): against `hop`, what the fleet adds.
+    Fleet,
     /// cocoon's browser terminal (xterm.js) in Chromium, data channel.
     Chromium,
     /// OpenSSH (Debian's), `ssh -tt` to an `sshd` of our own.
@@ -98,6 +102,7 @@ impl System {
             System::Relay => "cocoon, WebSocket relay (Rust client)",
             System::Hop => "signaling server's relay hop alone (frames, no PTY)",
             System::Ws => "one direct loopback WebSocket (the hop's baseline)",
+            System::Fleet => "relay hop across two instances on NATS (frames, no PTY)",
             // Its throughput runs are shorter: chromium::MAX_MEGABYTES.
             System::Chromium => "cocoon in Chromium (xterm.js, data channel; ≤ 50 MB runs)",
             System::Ssh => "OpenSSH",
@@ -108,7 +113,7 @@ impl System {
 
     /// Not a terminal: frames between two WebSocket ends (hop.rs).
     fn frames_only(self) -> bool {
-        matches!(self, System::Hop | System::Ws)
+        matches!(self, System::Hop | System::Ws | System::Fleet)
     }
 
     fn peer(self) -> Option<Peer> {
@@ -127,6 +132,8 @@ struct Stage {
     peers: Option<Peers>,
     /// The browser's own server, worker and network, if it runs.
     chromium: Option<chromium::Chromium>,
+    /// Two signaling instances on NATS, if `fleet` runs.
+    fleet: Option<fleet::Fleet>,
     worker_pid: u32,
     server_pid: u32,
     /// The process at the other end of the current `webrtc` terminal.
@@ -143,6 +150,7 @@ impl Stage {
             (System::Dc, ..) => vec![self.worker_pid],
             (System::Relay, ..) => vec![self.worker_pid, self.server_pid],
             (System::Hop, ..) => vec![self.server_pid],
+            (System::Fleet, ..) => self.fleet.iter().flat_map(fleet::Fleet::pids).collect(),
             (System::Chromium, ..) => self.chromium.iter().map(|c| c.worker_pid()).collect(),
             (_, Some(peer), Some(peers)) => peers.server_side_pids(peer),
             _ => Vec::new(),
@@ -208,6 +216,9 @@ struct Report {
     /// What the signaling server's relay hop adds to a round trip: the
     /// `hop` system's echo p50 less the `ws` system's (medians over rounds).
     relay_hop_added_p50_us: Option<f64>,
+    /// What crossing two instances of a NATS fleet adds to the relay hop's
+    /// round trip: the `fleet` system's echo p50 less the `hop` system's.
+    fleet_added_p50_us: Option<f64>,
 }
 
 #[tokio::main]
@@ -260,8 +271,13 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         true => Some(chromium::Chromium::start(&args.bin).await?),
         false => None,
     };
+    let fleet = match args.systems.contains(&System::Fleet) {
+        true => Some(fleet::Fleet::start(&args.bin).await?),
+        false => None,
+    };
     let stage = Stage {
         chromium,
+        fleet,
         worker_pid: cocoon.worker.id().context("worker running")?,
         server_pid: cocoon.server.id().context("server running")?,
         cocoon,
@@ -288,6 +304,16 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         (Some(hop), Some(ws)) => {
             let p50 = |rounds: &Vec<Round>| median(rounds.iter().map(|r| r.echo_p50_us));
             Some(p50(hop) - p50(ws))
+        }
+        _ => None,
+    };
+    report.fleet_added_p50_us = match (
+        report.rounds.get(&System::Fleet),
+        report.rounds.get(&System::Hop),
+    ) {
+        (Some(fleet), Some(hop)) => {
+            let p50 = |rounds: &Vec<Round>| median(rounds.iter().map(|r| r.echo_p50_us));
+            Some(p50(fleet) - p50(hop))
         }
         _ => None,
     };
@@ -383,6 +409,11 @@ async fn measure_frames(args: &Args, stage: &Stage, system: System) -> anyhow::R
             System::Hop => {
                 let cocoon = &stage.cocoon;
                 hop::Pair::through_relay(&cocoon.url, &cocoon.access, &cocoon.setup).await
+            }
+            System::Fleet => {
+                let fleet = stage.fleet.as_ref().context("the fleet was not started")?;
+                hop::Pair::across(&fleet.near_url, &fleet.far_url, &fleet.access, &fleet.setup)
+                    .await
             }
             _ => hop::Pair::direct().await,
         }
@@ -527,6 +558,7 @@ fn print_report(args: &Args, report: &Report) {
     }
     println!();
     print_hop(report);
+    print_fleet(report);
     println!(
         "relay → P2P: median {:.0} ms",
         median(report.relay_to_p2p_ms.iter().copied())
@@ -542,6 +574,27 @@ fn print_report(args: &Args, report: &Report) {
     println!(
         "signaling server RSS: {:.1} MB idle; {:.1} KB per idle registered worker ({} workers)",
         report.signaling_rss_idle_mb, report.signaling_kb_per_idle_worker, args.idle_workers
+    );
+}
+
+/// The fleet's hop against one server's, when both ran.
+fn print_fleet(report: &Report) {
+    let (Some(added), Some(fleet), Some(hop)) = (
+        report.fleet_added_p50_us,
+        report.rounds.get(&System::Fleet),
+        report.rounds.get(&System::Hop),
+    ) else {
+        return;
+    };
+    let p50 = |rounds: &Vec<Round>| median(rounds.iter().map(|r| r.echo_p50_us));
+    let mbs = |rounds: &Vec<Round>| median(rounds.iter().map(|r| r.mb_per_s));
+    println!(
+        "fleet hop: {added:+.0} µs per round trip across two instances on NATS (echo p50 {:.0} vs {:.0} µs on one server); {:.0} vs {:.0} MB/s ({:.2}×)",
+        p50(fleet),
+        p50(hop),
+        mbs(fleet),
+        mbs(hop),
+        mbs(fleet) / mbs(hop)
     );
 }
 

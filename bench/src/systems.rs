@@ -140,7 +140,8 @@ pub fn loopback_rtc() -> RtcConfig {
     }
 }
 
-fn free_port(host: IpAddr) -> anyhow::Result<u16> {
+/// A port nothing listens on now.
+pub(crate) fn free_port(host: IpAddr) -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind((host, 0))?.local_addr()?.port())
 }
 

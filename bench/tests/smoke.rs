@@ -1,8 +1,9 @@
 //! The harness still works: a smoke run over cocoon's own systems with the
 //! debug binaries the workspace build made, the browser terminal in Chromium
-//! included (as root, with the browser client built: `./scripts/test` does
-//! both). It checks that every figure was produced, not how good it is
-//! (speed lives in BENCHMARKS.md, not in tests).
+//! and the NATS fleet included (as root, with the browser client built and
+//! Debian's nats-server installed: `./scripts/test` does all that). It
+//! checks that every figure was produced, not how good it is (speed lives
+//! in BENCHMARKS.md, not in tests).
 
 use std::process::Command;
 
@@ -16,7 +17,7 @@ fn a_smoke_run_produces_every_figure() {
             "--bin",
             "target/debug",
             "--systems",
-            "raw,webrtc,dc,relay,hop,ws,chromium",
+            "raw,webrtc,dc,relay,hop,ws,fleet,chromium",
         ])
         .output()
         .unwrap();
@@ -34,6 +35,8 @@ fn a_smoke_run_produces_every_figure() {
         "| signaling server's relay hop alone (frames, no PTY) |",
         "| one direct loopback WebSocket (the hop's baseline) |",
         "relay hop: ",
+        "| relay hop across two instances on NATS (frames, no PTY) |",
+        "fleet hop: ",
         "| cocoon in Chromium (xterm.js, data channel; ≤ 50 MB runs) |",
         "relay → P2P: median ",
         "worker RSS: idle ",

@@ -224,7 +224,7 @@ async fn handshake(
             Ok(())
         }
         ToServer::Authenticate { access_token } => {
-            let guard = hub.authenticate(outbox.clone(), &access_token)?;
+            let guard = hub.authenticate(outbox.clone(), &access_token).await?;
             tracing::info!(client_id = %guard.client_id, user_id = %guard.owner, "client authenticated");
             send(
                 outbox,

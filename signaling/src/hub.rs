@@ -16,6 +16,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::auth::{Claims, TokenError, TokenKey, TokenKind};
+use crate::cluster::Cluster;
+use crate::cluster::presence::Held;
 use crate::hive::{Ask, HiveRequest, HiveRoutes};
 use crate::ice::IceSettings;
 use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
@@ -88,6 +90,27 @@ struct DeviceRoute {
     conn: u64,
     owner: Option<UserId>,
     outbox: Outbox,
+    /// With a fleet backend: the revision of this instance's presence entry.
+    presence: Option<u64>,
+}
+
+/// Where a message for a device goes.
+enum Target {
+    /// A connection of this instance.
+    Local(Outbox),
+    /// A connection of another instance of the fleet.
+    Remote(Arc<Cluster>, DeviceId, UserId),
+}
+
+/// A device's membership in the fleet, held by its guard.
+struct FleetHold {
+    cluster: Arc<Cluster>,
+    /// The presence entry's first revision (the route keeps the current).
+    revision: u64,
+    /// Another instance held the device when it registered here.
+    moved: bool,
+    /// Stops forwarding what other instances send the device.
+    _attached: tokio_util::sync::DropGuard,
 }
 
 struct ClientRoute {
@@ -128,6 +151,8 @@ pub struct Hub {
     failures: Mutex<FailureLimiter>,
     /// The STUN/TURN servers handed out.
     ice: IceSettings,
+    /// The fleet this instance is part of, if any.
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// A registered device's hold on its route. Dropping it takes the route down,
@@ -140,6 +165,7 @@ pub struct DeviceGuard {
     /// Its owner at registration.
     pub owner: Option<UserId>,
     conn: u64,
+    fleet: Option<FleetHold>,
 }
 
 /// An authenticated client's hold on its route.
@@ -153,6 +179,8 @@ pub struct ClientGuard {
     talked_to: Vec<DeviceId>,
     /// Where `sync_data` without a `device_id` goes.
     selected: Option<DeviceId>,
+    /// Stops forwarding what other instances send the client.
+    _attached: Option<tokio_util::sync::DropGuard>,
 }
 
 impl Hub {
@@ -175,7 +203,27 @@ impl Hub {
             dev_owner,
             failures: Mutex::default(),
             ice,
+            cluster: None,
         }
+    }
+
+    /// Makes this hub an instance of a fleet. Call [`Hub::join`] once it is
+    /// in an `Arc`.
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Starts following the fleet's presence (no-op without a fleet).
+    pub fn join(self: &Arc<Self>) {
+        if let Some(cluster) = &self.cluster {
+            cluster.start(Arc::downgrade(self));
+        }
+    }
+
+    /// The fleet this instance is part of, if any.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 
     pub(crate) fn routes(&self) -> std::sync::MutexGuard<'_, Routes> {
@@ -284,6 +332,14 @@ impl Hub {
         }
         let (owner, notice, spawn) = self.settle_owner(&expected, setup_token).await?;
         let conn = self.next_conn();
+        let fleet = match &self.cluster {
+            Some(cluster) => Some(
+                join_fleet(cluster, &expected, owner.as_ref(), conn, &outbox)
+                    .await
+                    .map_err(Reject::internal)?,
+            ),
+            None => None,
+        };
         let replaced = {
             let mut routes = self.routes.lock().unwrap();
             let old = routes.devices.insert(
@@ -292,9 +348,14 @@ impl Hub {
                     conn,
                     owner: owner.clone(),
                     outbox,
+                    presence: fleet.as_ref().map(|hold| hold.revision),
                 },
             );
             if let Some(owner) = &owner {
+                if fleet.as_ref().is_some_and(|hold| hold.moved) {
+                    // It reconnected here while another instance held it.
+                    broadcast_status(&routes, owner, &expected, false);
+                }
                 broadcast_status(&routes, owner, &expected, true);
             }
             old
@@ -314,6 +375,7 @@ impl Hub {
             device_id: expected,
             owner,
             conn,
+            fleet,
         };
         Ok((guard, notice))
     }
@@ -387,7 +449,7 @@ impl Hub {
     }
 
     /// Checks a client's access token and puts its route up.
-    pub fn authenticate(
+    pub async fn authenticate(
         self: &Arc<Self>,
         outbox: Outbox,
         token: &Secret,
@@ -399,6 +461,16 @@ impl Hub {
             "c-{}",
             bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
         ));
+        let attached = match &self.cluster {
+            Some(cluster) => Some(
+                cluster
+                    .attach_client(&client_id, claims.sub.clone(), outbox.clone())
+                    .await
+                    .map_err(Reject::internal)?
+                    .drop_guard(),
+            ),
+            None => None,
+        };
         self.routes.lock().unwrap().clients.insert(
             client_id.clone(),
             ClientRoute {
@@ -412,6 +484,7 @@ impl Hub {
             owner: claims.sub,
             talked_to: Vec::new(),
             selected: None,
+            _attached: attached,
         })
     }
 
@@ -426,7 +499,8 @@ impl Hub {
         Ok(records
             .into_iter()
             .map(|r| DeviceInfo {
-                online: routes.devices.contains_key(&r.device_id),
+                online: routes.devices.contains_key(&r.device_id)
+                    || self.held_elsewhere(&r.device_id).is_some(),
                 device_id: r.device_id,
                 name: r.name,
                 last_seen: r.last_seen,
@@ -434,13 +508,19 @@ impl Hub {
             .collect())
     }
 
-    /// The outbox of a device the caller owns, or why it cannot be reached.
-    /// Devices of other owners and unknown devices look the same.
-    async fn owned_device_outbox(
+    /// Where a device is held, when another instance of the fleet holds it.
+    fn held_elsewhere(&self, device_id: &DeviceId) -> Option<Held> {
+        let cluster = self.cluster.as_ref()?;
+        cluster.presence().elsewhere(device_id, cluster.instance())
+    }
+
+    /// Where to send to a device the caller owns, or why it cannot be
+    /// reached. Devices of other owners and unknown devices look the same.
+    async fn owned_device_target(
         &self,
         owner: &UserId,
         device_id: &DeviceId,
-    ) -> Result<Outbox, Reject> {
+    ) -> Result<Target, Reject> {
         let online = {
             let routes = self.routes.lock().unwrap();
             routes
@@ -449,9 +529,21 @@ impl Hub {
                 .map(|route| (route.owner.as_ref() == Some(owner), route.outbox.clone()))
         };
         match online {
-            Some((true, outbox)) => Ok(outbox),
+            Some((true, outbox)) => Ok(Target::Local(outbox)),
             Some((false, _)) => Err(access_denied(device_id)),
             None => {
+                if let (Some(cluster), Some(held)) = (&self.cluster, self.held_elsewhere(device_id))
+                {
+                    return if held.owner.as_ref() == Some(owner) {
+                        Ok(Target::Remote(
+                            cluster.clone(),
+                            device_id.clone(),
+                            owner.clone(),
+                        ))
+                    } else {
+                        Err(access_denied(device_id))
+                    };
+                }
                 let record = self.store.get(device_id).await.map_err(Reject::internal)?;
                 if record.and_then(|r| r.owner).as_ref() == Some(owner) {
                     Err(Reject::new(
@@ -467,15 +559,86 @@ impl Hub {
 
     /// The only online device of `owner`, if there is exactly one.
     fn sole_online_device(&self, owner: &UserId) -> Option<DeviceId> {
+        let elsewhere = match &self.cluster {
+            Some(cluster) => cluster
+                .presence()
+                .owned_elsewhere(owner, cluster.instance()),
+            None => Vec::new(),
+        };
         let routes = self.routes.lock().unwrap();
         let mut owned = routes
             .devices
             .iter()
             .filter(|(_, route)| route.owner.as_ref() == Some(owner))
-            .map(|(id, _)| id);
+            .map(|(id, _)| id)
+            .chain(
+                elsewhere
+                    .iter()
+                    .filter(|id| !routes.devices.contains_key(*id)),
+            );
         match (owned.next(), owned.next()) {
             (Some(id), None) => Some(id.clone()),
             _ => None,
+        }
+    }
+
+    /// Another instance put a device up: a connection of it here is an older
+    /// one, replaced; the owner's clients here hear it is online — after
+    /// hearing it went offline when it `moved` (was up already), so that
+    /// their sessions start over with the reconnected worker.
+    pub(crate) fn device_up_elsewhere(&self, device_id: &DeviceId, held: &Held, moved: bool) {
+        let mut routes = self.routes.lock().unwrap();
+        if let Some(route) = routes.devices.get(device_id) {
+            if route.presence.is_some_and(|ours| ours > held.revision) {
+                // News older than our own registration.
+                return;
+            }
+            if let Some(old) = routes.devices.remove(device_id) {
+                tracing::info!(%device_id, instance = %held.instance, "device registered on another instance; closing its connection here");
+                let _ = old.outbox.try_send(Outbound::Close(FromServer::error(
+                    ErrorCode::Replaced,
+                    "a newer registration of this device took over",
+                )));
+            }
+        }
+        if let Some(owner) = &held.owner {
+            if moved {
+                broadcast_status(&routes, owner, device_id, false);
+            }
+            broadcast_status(&routes, owner, device_id, true);
+        }
+    }
+
+    /// This instance's devices, for presence to check that the fleet still
+    /// sees them: (device, owner, connection).
+    pub(crate) fn fleet_devices(&self) -> Vec<(DeviceId, Option<UserId>, u64)> {
+        let routes = self.routes.lock().unwrap();
+        routes
+            .devices
+            .iter()
+            .map(|(id, route)| (id.clone(), route.owner.clone(), route.conn))
+            .collect()
+    }
+
+    /// Presence announced a device of this instance again (the fleet had
+    /// lost its entry): withdrawing goes by the new revision.
+    pub(crate) fn reannounced(&self, device_id: &DeviceId, conn: u64, revision: u64) {
+        let mut routes = self.routes.lock().unwrap();
+        if let Some(route) = routes.devices.get_mut(device_id)
+            && route.conn == conn
+        {
+            route.presence = Some(revision);
+        }
+    }
+
+    /// A device another instance held went away (or that instance did).
+    pub(crate) fn device_down_elsewhere(&self, device_id: &DeviceId, held: &Held) {
+        let routes = self.routes.lock().unwrap();
+        if routes.devices.contains_key(device_id) {
+            return;
+        }
+        if let Some(owner) = &held.owner {
+            broadcast_status(&routes, owner, device_id, false);
         }
     }
 
@@ -511,16 +674,59 @@ fn broadcast_status(routes: &Routes, owner: &UserId, device_id: &DeviceId, onlin
     }
 }
 
+/// Subscribes to what other instances send a device, then announces that
+/// this instance holds it (in that order: once others see it here, their
+/// messages arrive).
+async fn join_fleet(
+    cluster: &Arc<Cluster>,
+    device_id: &DeviceId,
+    owner: Option<&UserId>,
+    conn: u64,
+    outbox: &Outbox,
+) -> anyhow::Result<FleetHold> {
+    let moved = cluster
+        .presence()
+        .elsewhere(device_id, cluster.instance())
+        .is_some();
+    let attached = cluster
+        .attach_device(device_id, owner.cloned(), outbox.clone())
+        .await?;
+    let revision = cluster.announce(device_id, owner, conn).await?;
+    Ok(FleetHold {
+        cluster: cluster.clone(),
+        revision,
+        moved,
+        _attached: attached.drop_guard(),
+    })
+}
+
+/// Sends to a device wherever it is held.
+fn deliver_to(hub: &Hub, target: Target, outbound: Outbound, gone: Reject) -> Result<(), Reject> {
+    match target {
+        Target::Local(outbox) => deliver(hub, &outbox, outbound, gone),
+        Target::Remote(cluster, device_id, owner) => {
+            hub.count_relayed(&outbound);
+            cluster
+                .to_device(&device_id, &owner, &outbound)
+                .map_err(|_| backlogged())
+        }
+    }
+}
+
 /// Queues a message without waiting; a full queue is reported, not awaited.
 fn deliver(hub: &Hub, outbox: &Outbox, outbound: Outbound, gone: Reject) -> Result<(), Reject> {
     hub.count_relayed(&outbound);
     outbox.try_send(outbound).map_err(|err| match err {
-        mpsc::error::TrySendError::Full(_) => Reject::new(
-            ErrorCode::PeerBacklogged,
-            "the receiver is not keeping up; the message was dropped",
-        ),
+        mpsc::error::TrySendError::Full(_) => backlogged(),
         mpsc::error::TrySendError::Closed(_) => gone,
     })
+}
+
+fn backlogged() -> Reject {
+    Reject::new(
+        ErrorCode::PeerBacklogged,
+        "the receiver is not keeping up; the message was dropped",
+    )
 }
 
 impl DeviceGuard {
@@ -552,11 +758,20 @@ impl DeviceGuard {
                 format!("client {client_id} is not connected"),
             )
         };
-        let outbox = self
-            .hub
-            .client_outbox(client_id, self.owner.as_ref())
-            .ok_or_else(gone)?;
-        deliver(&self.hub, &outbox, outbound, gone())
+        match self.hub.client_outbox(client_id, self.owner.as_ref()) {
+            Some(outbox) => deliver(&self.hub, &outbox, outbound, gone()),
+            // Not here: the instance holding the client (if any) checks the
+            // owner; a client that is gone everywhere drops it unheard.
+            None => match (self.hub.cluster(), &self.owner) {
+                (Some(cluster), Some(owner)) => {
+                    self.hub.count_relayed(&outbound);
+                    cluster
+                        .to_client(client_id, owner, &outbound)
+                        .map_err(|_| backlogged())
+                }
+                _ => Err(gone()),
+            },
+        }
     }
 }
 
@@ -570,7 +785,10 @@ impl Drop for DeviceGuard {
         if !ours {
             return;
         }
-        routes.devices.remove(&self.device_id);
+        let route = routes.devices.remove(&self.device_id);
+        if let (Some(fleet), Some(revision)) = (&self.fleet, route.and_then(|r| r.presence)) {
+            fleet.cluster.withdraw(&self.device_id, revision);
+        }
         if let Some(owner) = &self.owner {
             broadcast_status(&routes, owner, &self.device_id, false);
         }
@@ -629,7 +847,7 @@ impl ClientGuard {
     /// Makes `device_id` the target of `sync_data` without a `device_id`.
     pub async fn select(&mut self, device_id: DeviceId) -> Result<(), Reject> {
         self.hub
-            .owned_device_outbox(&self.owner, &device_id)
+            .owned_device_target(&self.owner, &device_id)
             .await?;
         self.selected = Some(device_id);
         Ok(())
@@ -677,15 +895,15 @@ impl ClientGuard {
                     "no device addressed: set device_id, or select_device first",
                 )
             })?;
-        let outbox = self
+        let target = self
             .hub
-            .owned_device_outbox(&self.owner, &device_id)
+            .owned_device_target(&self.owner, &device_id)
             .await?;
         let offline = Reject::new(
             ErrorCode::DeviceOffline,
             format!("device {device_id} is offline"),
         );
-        deliver(&self.hub, &outbox, outbound, offline)?;
+        deliver_to(&self.hub, target, outbound, offline)?;
         if !self.talked_to.contains(&device_id) {
             self.talked_to.push(device_id);
         }
@@ -704,6 +922,8 @@ impl Drop for ClientGuard {
                     .try_send(Outbound::Message(FromServer::ClientLeft {
                         client_id: self.client_id.clone(),
                     }));
+            } else if let Some(cluster) = &self.hub.cluster {
+                cluster.client_left(device_id, &self.owner, &self.client_id);
             }
         }
     }

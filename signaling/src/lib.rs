@@ -11,6 +11,8 @@
 //!   (both sides use the same code).
 //! - [`auth`]: signed setup and access tokens.
 //! - [`store`]: salt, token key and device ownership, kept across restarts.
+//! - [`cluster`]: the optional fleet backend on NATS: the same, shared by
+//!   several instances, plus presence and routing between them.
 //! - [`hub`]: online devices and clients, and routing between them.
 //! - [`hive`]: hives that start workers for their owner, and their requests.
 //! - [`conn`]: one WebSocket connection's reader and writer.
@@ -23,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod cluster;
 pub mod conn;
 pub mod files;
 pub mod hive;

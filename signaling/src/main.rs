@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cocoon_signaling::auth::TokenKind;
+use cocoon_signaling::cluster::{Cluster, NatsOptions};
 use cocoon_signaling::ice::IceSettings;
 use cocoon_signaling::protocol::{Secret, UserId};
 use cocoon_signaling::{Config, Server, TlsFiles, default_data_dir, parse_duration, store};
@@ -22,6 +23,19 @@ struct Cli {
     /// Where the salt, token key and device database are kept.
     #[arg(long, env = "SIGNALING_DATA_DIR", global = true, default_value_os_t = default_data_dir("signaling"))]
     data_dir: PathBuf,
+    /// Run as one instance of a fleet: share devices, claims, presence and
+    /// the secrets through this NATS cluster (JetStream enabled) instead of
+    /// the data dir. `nats://host:port`, several separated by commas.
+    #[arg(long, env = "SIGNALING_NATS_URL", global = true, value_name = "URL")]
+    nats_url: Option<String>,
+    /// Replicas of each NATS key-value bucket (at most the cluster's size).
+    #[arg(
+        long,
+        env = "SIGNALING_NATS_REPLICAS",
+        global = true,
+        default_value_t = 1
+    )]
+    nats_replicas: usize,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -101,11 +115,20 @@ struct ServeArgs {
 async fn main() -> anyhow::Result<()> {
     cocoon_signaling::logs::init("info");
     let cli = Cli::parse();
+    let nats = cli.nats_url.map(|url| NatsOptions {
+        url,
+        replicas: cli.nats_replicas,
+    });
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.data_dir, cli.serve).await,
+        Command::Serve => serve(cli.data_dir, nats, cli.serve).await,
         Command::Token { kind, owner, ttl } => {
-            cocoon_signaling::files::ensure_writable_dir(&cli.data_dir, "data dir")?;
-            let key = store::load_token_key(&cli.data_dir)?;
+            let key = match &nats {
+                Some(nats) => Cluster::connect(nats, None).await?.tokens,
+                None => {
+                    cocoon_signaling::files::ensure_writable_dir(&cli.data_dir, "data dir")?;
+                    store::load_token_key(&cli.data_dir)?
+                }
+            };
             let kind = match kind {
                 Kind::Access => TokenKind::Access,
                 Kind::Setup => TokenKind::Setup,
@@ -117,8 +140,13 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn serve(data_dir: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(
+    data_dir: PathBuf,
+    nats: Option<NatsOptions>,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
     let mut config = Config::new(SocketAddr::new(args.host, args.port), data_dir);
+    config.nats = nats;
     config.hmac_salt = args.hmac_salt;
     config.allowed_origins = args.allowed_origins;
     config.dev_owner = args.dev.map(UserId::new);

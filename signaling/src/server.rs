@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use crate::cluster::{Cluster, NatsOptions};
 use crate::conn::{self, Timeouts};
 use crate::files::ensure_writable_dir;
 use crate::hub::Hub;
@@ -64,6 +65,10 @@ pub struct Config {
     pub web_root: Option<PathBuf>,
     /// The STUN/TURN servers handed to workers and clients.
     pub ice: IceSettings,
+    /// Share secrets, devices, presence and routing with the other instances
+    /// of a fleet through NATS (see [`crate::cluster`]); the data dir is then
+    /// unused.
+    pub nats: Option<NatsOptions>,
 }
 
 impl Config {
@@ -80,6 +85,7 @@ impl Config {
             timeouts: Timeouts::default(),
             web_root: None,
             ice: IceSettings::default(),
+            nats: None,
         }
     }
 }
@@ -130,19 +136,38 @@ impl Server {
         if let Some(root) = &config.web_root {
             check_web_root(root).await?;
         }
-        ensure_writable_dir(&config.data_dir, "data dir")?;
-        let salt = load_salt(&config.data_dir, config.hmac_salt.as_deref())?;
-        let tokens = load_token_key(&config.data_dir)?;
-        let store = Store::open(&config.data_dir)?;
-        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let loopback_hosts_only = config.dev_owner.is_some();
+        let hub = match &config.nats {
+            Some(nats) => {
+                let joined = Cluster::connect(nats, config.hmac_salt.as_deref()).await?;
+                let store = Store::shared(joined.devices);
+                Hub::new(
+                    store,
+                    joined.salt,
+                    joined.tokens,
+                    config.dev_owner,
+                    config.ice,
+                )
+                .with_cluster(joined.cluster)
+            }
+            None => {
+                ensure_writable_dir(&config.data_dir, "data dir")?;
+                let salt = load_salt(&config.data_dir, config.hmac_salt.as_deref())?;
+                let tokens = load_token_key(&config.data_dir)?;
+                let store = Store::open(&config.data_dir)?;
+                Hub::new(store, salt, tokens, config.dev_owner, config.ice)
+            }
+        };
+        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let hub = Arc::new(hub);
+        hub.join();
         Ok(Self {
             listener,
             tls,
-            hub: Arc::new(Hub::new(store, salt, tokens, config.dev_owner, config.ice)),
+            hub,
             allowed_origins: config.allowed_origins.into(),
             max_connections: config.max_connections,
             timeouts: config.timeouts,
@@ -207,6 +232,9 @@ impl Server {
         drop(self.listener);
         tracker.close();
         tracker.wait().await;
+        if let Some(cluster) = self.hub.cluster() {
+            cluster.leave().await;
+        }
         Ok(())
     }
 }

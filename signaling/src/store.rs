@@ -1,5 +1,6 @@
 //! What the server remembers across restarts: the HMAC salt, the token key
-//! (files in the data dir) and the devices with their owners (SQLite).
+//! (files in the data dir) and the devices with their owners (SQLite) — or,
+//! for an instance of a fleet, the devices in NATS ([`crate::cluster`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -9,6 +10,7 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::auth::{TokenKey, unix_now};
+use crate::cluster::DeviceBucket;
 use crate::files::{read_trimmed, write_private};
 use crate::protocol::{DeviceId, UserId};
 
@@ -50,7 +52,8 @@ pub fn load_token_key(data_dir: &Path) -> anyhow::Result<TokenKey> {
     Ok(TokenKey::new(key.into_bytes()))
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes in hex.
+pub(crate) fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     buf.iter().map(|b| format!("{b:02x}")).collect()
@@ -69,16 +72,102 @@ pub struct DeviceRecord {
     pub last_seen: u64,
 }
 
-/// The device database. Cheap to clone; every call runs on the blocking pool.
+/// The device records: the embedded database (the default), or the fleet's
+/// shared buckets on NATS. Cheap to clone.
 #[derive(Clone)]
-pub struct Store {
-    db: Arc<Mutex<Connection>>,
-    path: PathBuf,
+pub struct Store(Backend);
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(Sqlite),
+    /// Shared, and large (two JetStream handles): behind an `Arc`.
+    Nats(Arc<DeviceBucket>),
 }
 
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        Sqlite::open(data_dir).map(|db| Self(Backend::Sqlite(db)))
+    }
+
+    /// The fleet's shared records.
+    pub fn shared(bucket: DeviceBucket) -> Self {
+        Self(Backend::Nats(Arc::new(bucket)))
+    }
+
+    /// Records a device seen for the first time. Returns `false` when the
+    /// device was already known (nothing is changed then).
+    pub async fn insert_new(
+        &self,
+        device_id: &DeviceId,
+        name: Option<String>,
+    ) -> anyhow::Result<bool> {
+        match &self.0 {
+            Backend::Sqlite(db) => db.insert_new(device_id, name).await,
+            Backend::Nats(bucket) => bucket.insert_new(device_id, name).await,
+        }
+    }
+
+    /// Records a registration of a known device (or one the server forgot
+    /// whose id still verifies): upserts it with a fresh `last_seen`.
+    pub async fn upsert_seen(
+        &self,
+        device_id: &DeviceId,
+        name: Option<String>,
+    ) -> anyhow::Result<()> {
+        match &self.0 {
+            Backend::Sqlite(db) => db.upsert_seen(device_id, name).await,
+            Backend::Nats(bucket) => bucket.upsert_seen(device_id, name).await,
+        }
+    }
+
+    /// Updates `last_seen` (on disconnect).
+    pub async fn touch(&self, device_id: &DeviceId) -> anyhow::Result<()> {
+        match &self.0 {
+            Backend::Sqlite(db) => db.touch(device_id).await,
+            Backend::Nats(bucket) => bucket.touch(device_id).await,
+        }
+    }
+
+    /// Claims an unclaimed device for `owner`. Returns the owner afterwards:
+    /// `owner` itself, or whoever claimed it first.
+    pub async fn claim(
+        &self,
+        device_id: &DeviceId,
+        owner: &UserId,
+    ) -> anyhow::Result<Option<UserId>> {
+        match &self.0 {
+            Backend::Sqlite(db) => db.claim(device_id, owner).await,
+            Backend::Nats(bucket) => bucket.claim(device_id, owner).await,
+        }
+    }
+
+    /// One device, if known.
+    pub async fn get(&self, device_id: &DeviceId) -> anyhow::Result<Option<DeviceRecord>> {
+        match &self.0 {
+            Backend::Sqlite(db) => db.get(device_id).await,
+            Backend::Nats(bucket) => bucket.get(device_id).await,
+        }
+    }
+
+    /// Every device of `owner`, by name then id.
+    pub async fn list_owned(&self, owner: &UserId) -> anyhow::Result<Vec<DeviceRecord>> {
+        match &self.0 {
+            Backend::Sqlite(db) => db.list_owned(owner).await,
+            Backend::Nats(bucket) => bucket.list_owned(owner).await,
+        }
+    }
+}
+
+/// The embedded database; every call runs on the blocking pool.
+#[derive(Clone)]
+struct Sqlite {
+    db: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl Sqlite {
+    fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let path = data_dir.join(DB_FILE);
         crate::files::make_db_private(&path)?;
         let db = Connection::open(&path)
