@@ -745,3 +745,40 @@ pub fn fixed_port_addr() -> SocketAddr {
     }
     panic!("no free loopback port in {floor}..{low}");
 }
+
+/// Percentiles, process statistics and health checks for the load and soak
+/// tests.
+pub mod measure;
+
+/// Reads a terminal's output until exactly `expected` has come: other
+/// bytes, more bytes, an event other than output, or nothing in time is an
+/// error.
+pub async fn expect_exactly(
+    pty: &mut cocoon::session::client::Pty,
+    expected: &[u8],
+) -> anyhow::Result<()> {
+    use cocoon::session::client::PtyEvent;
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        match tokio::time::timeout(DEADLINE, pty.next()).await {
+            Ok(Some(PtyEvent::Output(bytes))) => got.extend_from_slice(&bytes),
+            Ok(other) => anyhow::bail!("expected output, got {other:?}"),
+            Err(_) => anyhow::bail!(
+                "stalled after {:?} of {:?}",
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(expected)
+            ),
+        }
+    }
+    anyhow::ensure!(
+        got == expected,
+        "expected {:?}, got {:?}",
+        String::from_utf8_lossy(expected),
+        String::from_utf8_lossy(&got)
+    );
+    Ok(())
+}
+
+/// A terminal that echoes each line it is typed once, and says `READY`
+/// before it reads: `cat` with the terminal's own echo off.
+pub const ECHO_TERMINAL: &str = "stty -echo && echo READY && exec cat";
