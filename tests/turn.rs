@@ -367,7 +367,11 @@ async fn without_the_udp_block_sessions_go_peer_to_peer() {
     assert_eq!(doctor(&world).await, "p2p", "easy NATs");
 }
 
+// Run on its own (`scripts/test` does, in a process of its own): after it,
+// the next TURN test in the same process never reaches TURN (reproduced
+// with `--test-threads=1 chromium without_coturn`; not understood yet).
 #[tokio::test]
+#[ignore = "runs in a process of its own: scripts/test runs it with --ignored"]
 async fn chromium_behind_a_nat_gets_its_terminal_through_turn() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut net = NatNet::create(NatOptions {
