@@ -502,23 +502,29 @@ async fn a_terminal_survives_the_death_of_its_workers_instance() {
     fleet.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_hears_its_clients_left_when_their_instance_dies() {
-    let mut fleet = Fleet::start().await;
-    // A protocol-level worker on B, a client of its owner on A.
-    let b = &fleet.instances[1];
-    let mut device = RawPeer::connect(&b.url()).await;
+/// A protocol-level worker registered on `instance` for `owner`.
+async fn register_raw(instance: &Instance, owner: &str) -> (RawPeer, DeviceId) {
+    let mut device = RawPeer::connect(&instance.url()).await;
     device
         .send(&ToServer::Register {
             secret: generate_secret(),
             device_id: None,
-            setup_token: Some(b.token(TokenKind::Setup, "alice")),
+            setup_token: Some(instance.token(TokenKind::Setup, owner)),
             name: None,
         })
         .await;
     let Some(FromServer::Registered { device_id, .. }) = device.recv().await else {
         panic!("registered")
     };
+    (device, device_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_hears_its_clients_left_when_their_instance_dies() {
+    let mut fleet = Fleet::start().await;
+    // A protocol-level worker on B, a client of its owner on A.
+    let b = &fleet.instances[1];
+    let (mut device, device_id) = register_raw(b, "alice").await;
     let a = &fleet.instances[0];
     until_listed(a, "alice", &device_id, true).await;
     let mut client = a.client("alice").await;
@@ -553,18 +559,7 @@ async fn a_device_hears_its_clients_left_when_their_instance_dies() {
 async fn the_fleet_heals_when_nats_restarts() {
     let mut fleet = Fleet::start().await;
     let b = &fleet.instances[1];
-    let mut device = RawPeer::connect(&b.url()).await;
-    device
-        .send(&ToServer::Register {
-            secret: generate_secret(),
-            device_id: None,
-            setup_token: Some(b.token(TokenKind::Setup, "alice")),
-            name: None,
-        })
-        .await;
-    let Some(FromServer::Registered { device_id, .. }) = device.recv().await else {
-        panic!("registered")
-    };
+    let (mut device, device_id) = register_raw(b, "alice").await;
     until_listed(&fleet.instances[0], "alice", &device_id, true).await;
     // Presence lives in NATS's memory: a restart loses it, the claims (on
     // disk) stay; B announces its device again, and messages flow again.

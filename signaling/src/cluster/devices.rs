@@ -50,6 +50,27 @@ struct Current<T> {
     revision: u64,
 }
 
+impl<T: serde::de::DeserializeOwned> Current<T> {
+    /// From a bucket entry: a deleted or purged key has no value but keeps
+    /// its revision; a missing one is revision 0.
+    fn of(entry: Option<kv::Entry>, what: impl FnOnce() -> String) -> anyhow::Result<Self> {
+        Ok(match entry {
+            Some(entry) if live(&entry) => Self {
+                value: Some(serde_json::from_slice(&entry.value).with_context(what)?),
+                revision: entry.revision,
+            },
+            Some(entry) => Self {
+                value: None,
+                revision: entry.revision,
+            },
+            None => Self {
+                value: None,
+                revision: 0,
+            },
+        })
+    }
+}
+
 impl DeviceBucket {
     /// Opens (creating if needed) the buckets.
     pub async fn open(js: &jetstream::Context, replicas: usize) -> anyhow::Result<Self> {
@@ -65,23 +86,7 @@ impl DeviceBucket {
             .entry(device_id.as_str())
             .await
             .with_context(|| format!("cannot read device {device_id}"))?;
-        Ok(match entry {
-            Some(entry) if live(&entry) => Current {
-                value: Some(
-                    serde_json::from_slice(&entry.value)
-                        .with_context(|| format!("device {device_id}: bad record"))?,
-                ),
-                revision: entry.revision,
-            },
-            Some(entry) => Current {
-                value: None,
-                revision: entry.revision,
-            },
-            None => Current {
-                value: None,
-                revision: 0,
-            },
-        })
+        Current::of(entry, || format!("device {device_id}: bad record"))
     }
 
     /// Writes `value` if the key is still at `revision`; `false` when another
@@ -263,20 +268,7 @@ impl DeviceBucket {
             .entry(key)
             .await
             .context("cannot read an owner's devices")?;
-        Ok(match entry {
-            Some(entry) if live(&entry) => Current {
-                value: Some(serde_json::from_slice(&entry.value).context("bad owner index entry")?),
-                revision: entry.revision,
-            },
-            Some(entry) => Current {
-                value: None,
-                revision: entry.revision,
-            },
-            None => Current {
-                value: None,
-                revision: 0,
-            },
-        })
+        Current::of(entry, || "bad owner index entry".to_owned())
     }
 
     /// One device, if known.
