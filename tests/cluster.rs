@@ -22,34 +22,37 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// A `nats-server` with JetStream, on loopback, killed on drop.
+/// A `nats-server` with JetStream, on loopback behind a front door (its
+/// address stays when it restarts), killed on drop.
 struct NatsServer {
     child: Child,
     url: String,
-    port: u16,
+    door: FrontDoor,
     store: tempfile::TempDir,
 }
 
 impl NatsServer {
     async fn start() -> Self {
         let store = tempfile::tempdir().unwrap();
-        let port = fixed_port_addr().port();
-        let child = Self::spawn(port, store.path()).await;
+        let door = FrontDoor::open().await;
+        let child = Self::spawn(&door, store.path()).await;
         Self {
             child,
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
+            url: format!("nats://{}", door.addr),
+            door,
             store,
         }
     }
 
-    /// Kills it and starts it again, on the same port and store.
+    /// Kills it and starts it again, at the same address, on the same store.
     async fn restart(&mut self) {
+        self.door.lead_to(None);
         let _ = self.child.kill().await;
-        self.child = Self::spawn(self.port, self.store.path()).await;
+        self.child = Self::spawn(&self.door, self.store.path()).await;
     }
 
-    async fn spawn(port: u16, store: &Path) -> Child {
+    async fn spawn(door: &FrontDoor, store: &Path) -> Child {
+        let port = free_port_addr().port();
         let child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
@@ -69,6 +72,7 @@ impl NatsServer {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        door.lead_to(Some(SocketAddr::from(([127, 0, 0, 1], port))));
         child
     }
 

@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use cocoon::session::client::{PtyEvent, Session, SessionOptions};
-use cocoon_signaling::Config;
 use cocoon_signaling::auth::TokenKind;
 use cocoon_signaling::protocol::service::Request;
 use cocoon_signaling::protocol::{DeviceId, FromServer, ToServer};
@@ -85,9 +84,7 @@ async fn a_server_restart_loses_no_terminal_byte() {
         watcher.recv().await,
         Some(FromServer::Authenticated { .. })
     ));
-    let addr = server.addr;
-    let (stopped, (messages, code)) = tokio::join!(server.stop(), watcher.until_closed());
-    let () = stopped;
+    let (halted, (messages, code)) = tokio::join!(server.halt(), watcher.until_closed());
     assert!(
         messages.contains(&FromServer::ServerRestarting {}),
         "{messages:?}"
@@ -99,7 +96,7 @@ async fn a_server_restart_loses_no_terminal_byte() {
         pty.write(format!("b{n}\n").as_bytes()).await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let server = TestServer::start_with(Config::new(addr, server_dir.path().to_owned())).await;
+    let server = halted.start().await;
     worker.expect_line("✅ Registration confirmed").await;
     for n in 1..=5 {
         pty.write(format!("c{n}\n").as_bytes()).await.unwrap();

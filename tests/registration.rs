@@ -75,11 +75,9 @@ async fn first_registration_restart_and_server_restart() {
         "{id_line}"
     );
 
-    // The server restarts on the same port and data dir: the worker comes
+    // The server restarts at the same address and data dir: the worker comes
     // back by itself with the same id, and the claim is still there.
-    let addr = server.addr;
-    server.stop().await;
-    let server = TestServer::start_with(Config::new(addr, server_dir.path().to_owned())).await;
+    let server = server.halt().await.start().await;
     worker.expect_line("✅ Registration confirmed").await;
     let id_line = worker.expect_line("🆔 Device ID: ").await;
     assert_eq!(device_id_in(&id_line).to_string(), device_id);

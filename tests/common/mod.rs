@@ -36,6 +36,9 @@ pub struct TestServer {
     pub tls: bool,
     shutdown: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Set when started with `start_restartable`: the address clients use
+    /// and the data dir to come back with.
+    door: Option<(FrontDoor, PathBuf)>,
 }
 
 impl TestServer {
@@ -44,12 +47,33 @@ impl TestServer {
         Self::start_with(Config::new(([127, 0, 0, 1], 0).into(), data_dir.to_owned())).await
     }
 
-    /// Starts on a loopback port below the kernel's ephemeral range, for a
-    /// test that restarts the server on the same port: a port the kernel
-    /// handed out can be taken, between the stop and the start, as the
-    /// source port of any outgoing connection on the machine.
+    /// Starts behind a [`FrontDoor`], for a test that restarts the server:
+    /// clients and workers keep one address across [`halt`](Self::halt) and
+    /// [`Halted::start`], and that port is never given back to the kernel —
+    /// a port released, even one outside the ephemeral range, is anyone's
+    /// to take before the server binds it again.
     pub async fn start_restartable(data_dir: &Path) -> Self {
-        Self::start_with(Config::new(fixed_port_addr(), data_dir.to_owned())).await
+        Self::start_behind(FrontDoor::open().await, data_dir).await
+    }
+
+    async fn start_behind(door: FrontDoor, data_dir: &Path) -> Self {
+        let mut server = Self::start(data_dir).await;
+        door.lead_to(Some(server.addr));
+        server.addr = door.addr;
+        server.door = Some((door, data_dir.to_owned()));
+        server
+    }
+
+    /// Stops the server like [`stop`](Self::stop), keeping its address:
+    /// until [`Halted::start`], connections to it are closed at once.
+    pub async fn halt(mut self) -> Halted {
+        let (door, data_dir) = self
+            .door
+            .take()
+            .expect("only a server from start_restartable can be halted");
+        door.lead_to(None);
+        self.stop().await;
+        Halted { door, data_dir }
     }
 
     /// Starts with a full configuration.
@@ -66,6 +90,7 @@ impl TestServer {
             tls,
             shutdown,
             task: Some(task),
+            door: None,
         }
     }
 
@@ -110,6 +135,70 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// A signaling server stopped by [`TestServer::halt`].
+pub struct Halted {
+    door: FrontDoor,
+    data_dir: PathBuf,
+}
+
+impl Halted {
+    /// Starts the server again, at the same address, on the same data dir.
+    pub async fn start(self) -> TestServer {
+        TestServer::start_behind(self.door, &self.data_dir).await
+    }
+}
+
+/// A loopback port a test holds for its whole run, forwarding each
+/// connection to whatever listens behind it now: a server restarts behind
+/// it on a new port while its peers keep the old address. With nothing
+/// behind it, a connection is closed as soon as it is accepted.
+pub struct FrontDoor {
+    pub addr: SocketAddr,
+    backend: Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    task: JoinHandle<()>,
+}
+
+impl FrontDoor {
+    pub async fn open() -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("a loopback port");
+        let addr = listener.local_addr().unwrap();
+        let backend = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let current = backend.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                let Some(behind) = *current.lock().unwrap() else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(behind).await {
+                        let _ = up.set_nodelay(true);
+                        let _ = down.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            backend,
+            task,
+        }
+    }
+
+    /// Sends new connections to `backend` (none: closes them).
+    pub fn lead_to(&self, backend: Option<SocketAddr>) {
+        *self.backend.lock().unwrap() = backend;
+    }
+}
+
+impl Drop for FrontDoor {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -721,10 +810,11 @@ pub async fn drive_browser(ns: &str, base: &str, token: &Secret, scenario: &str)
     );
 }
 
-/// A free loopback address whose port lies below the kernel's ephemeral
-/// range (`net.ipv4.ip_local_port_range`), so nothing but an explicit bind
-/// can take it.
-pub fn fixed_port_addr() -> SocketAddr {
+/// A free loopback address for a program that must be told its port
+/// (`nats-server`), below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`) so that no outgoing connection takes it
+/// between this probe and the program's bind.
+pub fn free_port_addr() -> SocketAddr {
     let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse().ok())
