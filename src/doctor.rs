@@ -625,12 +625,11 @@ pub async fn stun_probe(
         let wake = next.unwrap_or(deadline).min(deadline);
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
-                if let Ok((n, from)) = received {
-                    if let Some((target, answer)) = stun_answer(&buf[..n], from, &pending) {
+                if let Ok((n, from)) = received
+                    && let Some((target, answer)) = stun_answer(&buf[..n], from, &pending) {
                         pending.remove(&target);
                         results.insert(target, answer);
                     }
-                }
             }
             _ = sleep_until(wake) => {
                 if wake >= deadline {

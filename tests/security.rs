@@ -672,10 +672,10 @@ fn running(pid: u32) -> bool {
 /// The next frame of `kind` the session sees (responses are dropped).
 async fn next_frame(session: &mut RawSession, wanted: impl Fn(&Frame) -> bool) -> Frame {
     loop {
-        if let Seen::Frame(frame) = session.next(&|sdp| sdp).await {
-            if wanted(&frame) {
-                return frame;
-            }
+        if let Seen::Frame(frame) = session.next(&|sdp| sdp).await
+            && wanted(&frame)
+        {
+            return frame;
         }
     }
 }

@@ -188,7 +188,7 @@ async fn one_round(rig: &mut Rig, round: usize) -> anyhow::Result<()> {
     // The rig's own client reads (and so answers the server's pings).
     let devices = rig.client.list_devices().await?;
     ensure!(devices.len() == 1 && devices[0].online, "{devices:?}");
-    let session = if round % 2 == 0 {
+    let session = if round.is_multiple_of(2) {
         rig.session().await
     } else {
         let session = rig.rtc_session(loopback_rtc()).await;

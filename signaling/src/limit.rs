@@ -39,15 +39,14 @@ impl FailureLimiter {
         if self.entries.len() >= MAX_TRACKED && !self.entries.contains_key(&ip) {
             self.entries
                 .retain(|_, (start, _)| start.elapsed() < WINDOW);
-            if self.entries.len() >= MAX_TRACKED {
-                if let Some(oldest) = self
+            if self.entries.len() >= MAX_TRACKED
+                && let Some(oldest) = self
                     .entries
                     .iter()
                     .min_by_key(|(_, (start, _))| *start)
                     .map(|(ip, _)| *ip)
-                {
-                    self.entries.remove(&oldest);
-                }
+            {
+                self.entries.remove(&oldest);
             }
         }
         let entry = self.entries.entry(ip).or_insert((Instant::now(), 0));

@@ -455,10 +455,10 @@ fn walk(root: &Path, dir: &Path, found: &mut Vec<(String, u64)>, depth: usize) {
         let path = entry.path();
         if meta.is_dir() && depth < MAX_DEPTH {
             walk(root, &path, found, depth + 1);
-        } else if meta.is_file() {
-            if let Ok(relative) = path.strip_prefix(root) {
-                found.push((relative.to_string_lossy().into_owned(), meta.len()));
-            }
+        } else if meta.is_file()
+            && let Ok(relative) = path.strip_prefix(root)
+        {
+            found.push((relative.to_string_lossy().into_owned(), meta.len()));
         }
     }
 }

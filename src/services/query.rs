@@ -317,10 +317,11 @@ fn collect_files(root: &Path, dir: &Path, found: &mut Vec<String>, depth: usize)
         };
         if meta.is_dir() && depth < 16 {
             collect_files(root, &path, found, depth + 1);
-        } else if meta.is_file() && meta.len() <= MAX_KNOWLEDGE_FILE {
-            if let Ok(relative) = path.strip_prefix(root) {
-                found.push(relative.to_string_lossy().into_owned());
-            }
+        } else if meta.is_file()
+            && meta.len() <= MAX_KNOWLEDGE_FILE
+            && let Ok(relative) = path.strip_prefix(root)
+        {
+            found.push(relative.to_string_lossy().into_owned());
         }
     }
 }

@@ -279,15 +279,15 @@ impl Peer {
                 self.control.acked(offset);
             }
             Frame::Ack { stream, offset } => {
-                if let Some(terminal) = self.terminals.get_mut(&stream) {
-                    if offset > terminal.acked {
-                        terminal.acked = offset;
-                        terminal.last_progress = Instant::now();
-                        let _ = self.services.ptys().control(
-                            &terminal.session_id,
-                            Control::Ack(self.client.clone(), offset),
-                        );
-                    }
+                if let Some(terminal) = self.terminals.get_mut(&stream)
+                    && offset > terminal.acked
+                {
+                    terminal.acked = offset;
+                    terminal.last_progress = Instant::now();
+                    let _ = self.services.ptys().control(
+                        &terminal.session_id,
+                        Control::Ack(self.client.clone(), offset),
+                    );
                 }
             }
             Frame::Fin { .. } | Frame::Pong(_) | Frame::Skip { .. } => {}

@@ -507,10 +507,10 @@ async fn stun_query(
         while let Ok(Ok((len, from))) =
             tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await
         {
-            if from == server {
-                if let Some(mapped) = mapped_address(&buf[..len], request.transaction_id) {
-                    return Some(mapped);
-                }
+            if from == server
+                && let Some(mapped) = mapped_address(&buf[..len], request.transaction_id)
+            {
+                return Some(mapped);
             }
         }
     }

@@ -945,10 +945,10 @@ impl Driver {
             return;
         };
         let complete = terminal.fin.is_some_and(|fin| terminal.delivered >= fin);
-        if let (Some(code), true) = (terminal.exit, complete) {
-            if terminal.events.try_send(PtyEvent::Exited(code)).is_ok() {
-                self.terminals.remove(&stream);
-            }
+        if let (Some(code), true) = (terminal.exit, complete)
+            && terminal.events.try_send(PtyEvent::Exited(code)).is_ok()
+        {
+            self.terminals.remove(&stream);
         }
     }
 
