@@ -14,7 +14,9 @@ use cocoon_signaling::auth::TokenKind;
 use cocoon_signaling::cluster::NatsOptions;
 use cocoon_signaling::hub::Hub;
 use cocoon_signaling::identity::generate_secret;
-use cocoon_signaling::protocol::{DeviceId, FromServer, Secret, ToServer, UserId};
+use cocoon_signaling::protocol::{
+    DeviceId, ErrorCode, FromServer, HiveKind, Secret, ToServer, UserId,
+};
 use cocoon_signaling::{Config, Server};
 use common::*;
 use tokio::net::{TcpListener, TcpStream};
@@ -508,19 +510,35 @@ async fn a_terminal_survives_the_death_of_its_workers_instance() {
 
 /// A protocol-level worker registered on `instance` for `owner`.
 async fn register_raw(instance: &Instance, owner: &str) -> (RawPeer, DeviceId) {
+    let (device, device_id, notice) =
+        register_with(instance, &instance.token(TokenKind::Setup, owner)).await;
+    assert_eq!(notice, None, "the setup token claims the device");
+    (device, device_id)
+}
+
+/// A protocol-level worker registered with `setup_token`, and the server's
+/// notice about the token, if it refused it.
+async fn register_with(
+    instance: &Instance,
+    setup_token: &Secret,
+) -> (RawPeer, DeviceId, Option<ErrorCode>) {
     let mut device = RawPeer::connect(&instance.url()).await;
     device
         .send(&ToServer::Register {
             secret: generate_secret(),
             device_id: None,
-            setup_token: Some(instance.token(TokenKind::Setup, owner)),
+            setup_token: Some(setup_token.clone()),
             name: None,
         })
         .await;
-    let Some(FromServer::Registered { device_id, .. }) = device.recv().await else {
-        panic!("registered")
-    };
-    (device, device_id)
+    let mut notice = None;
+    loop {
+        match device.recv().await {
+            Some(FromServer::Error { code, .. }) => notice = Some(code),
+            Some(FromServer::Registered { device_id, .. }) => return (device, device_id, notice),
+            other => panic!("expected registered, got {other:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,12 +582,16 @@ async fn the_fleet_heals_when_nats_restarts() {
     let mut fleet = Fleet::start().await;
     let b = &fleet.instances[1];
     let (mut device, device_id) = register_raw(b, "alice").await;
+    let _hive = hive_on(b, "alice", "rack").await;
     until_listed(&fleet.instances[0], "alice", &device_id, true).await;
+    until_hives(&fleet.instances[0], "alice", &["rack"]).await;
     // Presence lives in NATS's memory: a restart loses it, the claims (on
-    // disk) stay; B announces its device again, and messages flow again.
+    // disk) stay; B announces its device and hive again, and messages flow
+    // again.
     fleet.nats.restart().await;
     let a = &fleet.instances[0];
     until_listed(a, "alice", &device_id, true).await;
+    until_hives(a, "alice", &["rack"]).await;
     // An instance added now knows only what is in NATS.
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::new(([127, 0, 0, 1], 0).into(), dir.path().to_owned());
@@ -594,5 +616,253 @@ async fn the_fleet_heals_when_nats_restarts() {
         );
     }
     drop(client);
+    fleet.stop().await;
+}
+
+/// A hive of `owner` registered on `server`, offering `native`.
+async fn hive_on(server: &Instance, owner: &str, name: &str) -> RawPeer {
+    let mut hive = RawPeer::connect(&server.url()).await;
+    hive.send(&ToServer::RegisterHive {
+        hive_token: server.token(TokenKind::Hive, owner),
+        name: name.into(),
+        kinds: vec![HiveKind {
+            id: "native".into(),
+            runner_type: "script".into(),
+        }],
+    })
+    .await;
+    match hive.recv().await {
+        Some(FromServer::HiveRegistered { .. }) => hive,
+        other => panic!("expected hive_registered, got {other:?}"),
+    }
+}
+
+/// Polls `owner`'s hive list on `server` until it names exactly `names`.
+async fn until_hives(server: &Instance, owner: &str, names: &[&str]) {
+    let mut client = server.client(owner).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let hives = client.list_hives().await.unwrap();
+        if hives
+            .iter()
+            .map(|h| h.name.as_str())
+            .eq(names.iter().copied())
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{owner}'s hives at {} never became {names:?}: {hives:?}",
+            server.url()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn spawn_native(request_id: &str) -> ToServer {
+    ToServer::SpawnCocoon {
+        request_id: request_id.into(),
+        kind: "native".into(),
+        name: None,
+        setup_token: None,
+        hive: None,
+    }
+}
+
+/// The next message for a client that is not a device status change.
+async fn next_reply(client: &mut cocoon::client::Client) -> FromServer {
+    loop {
+        let message = tokio::time::timeout(DEADLINE, client.recv())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+            .expect("the server keeps the client");
+        if !matches!(message, FromServer::DeviceStatus { .. }) {
+            return message;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hive_on_one_instance_serves_clients_on_the_others() {
+    let fleet = Fleet::start().await;
+    let [a, b, c] = &fleet.instances[..] else {
+        unreachable!()
+    };
+    let mut hive = hive_on(a, "alice", "rack").await;
+    until_hives(b, "alice", &["rack"]).await;
+    until_hives(c, "alice", &["rack"]).await;
+    // Bob, on B, sees no hive and reaches none.
+    let mut bob = b.client("bob").await;
+    assert!(bob.list_hives().await.unwrap().is_empty());
+    bob.send_raw(&spawn_native("b-1")).await.unwrap();
+    match next_reply(&mut bob).await {
+        FromServer::Error { code, .. } => assert_eq!(code, ErrorCode::NoHive),
+        other => panic!("{other:?}"),
+    }
+
+    // Alice, on B, spawns: the hive on A gets the request and a fresh
+    // single-use setup token.
+    let mut alice = b.client("alice").await;
+    alice.send_raw(&spawn_native("r-1")).await.unwrap();
+    let (client_id, setup_token, spawn_id) = match hive.recv().await {
+        Some(FromServer::SpawnCocoon {
+            request_id,
+            client_id,
+            setup_token,
+            spawn_id,
+            ..
+        }) => {
+            assert_eq!(request_id, "r-1");
+            assert_eq!(client_id, alice.client_id);
+            (client_id, setup_token, spawn_id)
+        }
+        other => panic!("expected spawn_cocoon, got {other:?}"),
+    };
+    // Its worker registers on C: claimed by alice, and the hive on A hears
+    // which device that was.
+    let (_worker, device_id, notice) = register_with(c, &setup_token).await;
+    assert_eq!(notice, None);
+    match hive.recv().await {
+        Some(FromServer::CocoonRegistered {
+            spawn_id: registered,
+            device_id: registered_device,
+        }) => {
+            assert_eq!(registered, spawn_id);
+            assert_eq!(registered_device, device_id);
+        }
+        other => panic!("expected cocoon_registered, got {other:?}"),
+    }
+    until_listed(b, "alice", &device_id, true).await;
+    // The token is spent on every instance: on B it claims nothing more.
+    let (_thief, other_id, notice) = register_with(b, &setup_token).await;
+    assert_eq!(notice, Some(ErrorCode::InvalidToken));
+    let listed = alice.list_devices().await.unwrap();
+    assert!(listed.iter().all(|d| d.device_id != other_id), "{listed:?}");
+
+    // The hive's answer reaches alice on B.
+    hive.send(&ToServer::SpawnCocoonResult {
+        request_id: "r-1".into(),
+        client_id,
+        success: true,
+        service_name: Some("cocoon-1".into()),
+        device_id: Some(device_id.clone()),
+        error: None,
+    })
+    .await;
+    match next_reply(&mut alice).await {
+        FromServer::SpawnCocoonResult {
+            request_id,
+            hive,
+            success,
+            device_id: answered,
+            ..
+        } => {
+            assert_eq!((request_id.as_str(), hive.as_str()), ("r-1", "rack"));
+            assert!(success);
+            assert_eq!(answered, Some(device_id));
+        }
+        other => panic!("expected spawn_cocoon_result, got {other:?}"),
+    }
+
+    // A request outstanding when the hive goes away fails at once, and the
+    // hive leaves every list.
+    alice
+        .send_raw(&ToServer::ListCocoons {
+            request_id: "r-2".into(),
+            hive: None,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        hive.recv().await,
+        Some(FromServer::ListCocoons { .. })
+    ));
+    drop(hive);
+    match next_reply(&mut alice).await {
+        FromServer::Error { code, message } => {
+            assert_eq!(code, ErrorCode::NoHive);
+            assert!(
+                message.contains("disconnected before answering"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    until_hives(c, "alice", &[]).await;
+    fleet.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hive_registering_on_another_instance_replaces_its_old_connection() {
+    let fleet = Fleet::start().await;
+    let [a, b, c] = &fleet.instances[..] else {
+        unreachable!()
+    };
+    let mut old = hive_on(a, "alice", "rack").await;
+    until_hives(c, "alice", &["rack"]).await;
+    let mut new = hive_on(b, "alice", "rack").await;
+    let (said, _) = old.until_closed().await;
+    assert!(
+        said.iter().any(|m| matches!(
+            m,
+            FromServer::Error {
+                code: ErrorCode::Replaced,
+                ..
+            }
+        )),
+        "{said:?}"
+    );
+    // Requests from C now reach the new connection (once C's copy of
+    // presence shows it: until then they fail, never hang).
+    let mut alice = c.client("alice").await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    for n in 0.. {
+        let request_id = format!("l-{n}");
+        alice
+            .send_raw(&ToServer::ListCocoons {
+                request_id: request_id.clone(),
+                hive: Some("rack".into()),
+            })
+            .await
+            .unwrap();
+        let heard = tokio::time::timeout(Duration::from_millis(500), new.recv()).await;
+        if let Ok(Some(FromServer::ListCocoons {
+            request_id: asked,
+            client_id,
+        })) = heard
+        {
+            assert_eq!(asked, request_id);
+            new.send(&ToServer::CocoonList {
+                request_id: asked,
+                client_id,
+                cocoons: Vec::new(),
+            })
+            .await;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new hive never heard from C"
+        );
+    }
+    loop {
+        match next_reply(&mut alice).await {
+            FromServer::CocoonList { hive, cocoons, .. } => {
+                assert_eq!(hive, "rack");
+                assert!(cocoons.is_empty());
+                break;
+            }
+            // Earlier tries, refused while C's copy caught up.
+            FromServer::Error { code, .. } => assert_eq!(code, ErrorCode::NoHive),
+            other => panic!("{other:?}"),
+        }
+    }
+    // The old connection's end withdrew nothing: the hive is still listed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for server in [a, b, c] {
+        until_hives(server, "alice", &["rack"]).await;
+    }
+    drop(new);
     fleet.stop().await;
 }

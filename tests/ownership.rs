@@ -125,6 +125,7 @@ async fn forged_expired_and_misused_tokens_are_refused() {
         iat: unix_now() - 100,
         exp: unix_now() - 10,
         spawn: None,
+        hive: None,
     });
     assert_eq!(
         connect_err(&server, &expired).await,
@@ -159,6 +160,7 @@ async fn forged_expired_and_misused_tokens_are_refused() {
             iat: 0,
             exp: unix_now() - 1,
             spawn: None,
+            hive: None,
         })),
     ] {
         let mut device = RawPeer::connect(&server.url()).await;

@@ -41,6 +41,10 @@ pub struct Claims {
     /// to. Such a token claims one device, once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spawn: Option<String>,
+    /// With `spawn`: the name of the hive that asked for the token, told
+    /// when the worker registers (on whichever instance of a fleet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hive: Option<String>,
 }
 
 /// Why a token was refused.
@@ -101,6 +105,7 @@ impl TokenKey {
             iat,
             exp: iat.saturating_add(ttl.as_secs()),
             spawn: None,
+            hive: None,
         })
     }
 
@@ -206,6 +211,7 @@ mod tests {
                 iat: 0,
                 exp: u64::MAX,
                 spawn: None,
+                hive: None,
             })
             .unwrap(),
         );
@@ -231,6 +237,7 @@ mod tests {
                 iat: 0,
                 exp: u64::MAX,
                 spawn: None,
+                hive: None,
             })
             .unwrap(),
         );
@@ -252,6 +259,7 @@ mod tests {
             iat: 1,
             exp: unix_now() - 1,
             spawn: None,
+            hive: None,
         });
         assert_eq!(
             key().verify(&token, TokenKind::Access),

@@ -241,7 +241,9 @@ async fn handshake(
             name,
             kinds,
         } => {
-            let guard = hub.register_hive(outbox.clone(), &hive_token, name, kinds)?;
+            let guard = hub
+                .register_hive(outbox.clone(), &hive_token, name, kinds)
+                .await?;
             tracing::info!(hive = %guard.name, owner = %guard.owner, "hive registered");
             send(
                 outbox,

@@ -10,18 +10,24 @@
 //! short-lived, single-use setup token carrying a spawn id; the worker that
 //! registers with it is claimed by the owner, and the hive is told which
 //! device that was (`cocoon_registered`).
+//!
+//! In a fleet, a hive on another instance is listed and asked like a local
+//! one; see [`crate::cluster::hives`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::RngCore;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{Claims, TokenKind, unix_now};
-use crate::hub::{Hub, Outbound, Outbox, Reject, Routes};
+use crate::cluster::presence::HeldHive;
+use crate::cluster::{HiveMail, Hold};
+use crate::hub::{Hub, Outbound, Outbox, Reject};
 use crate::protocol::{
     ClientId, DeviceId, ErrorCode, FromServer, HiveInfo, HiveKind, Secret, UserId,
 };
+use crate::store::random_hex;
 
 /// How long a spawn's setup token is valid.
 pub const SPAWN_TOKEN_TTL: Duration = Duration::from_secs(600);
@@ -51,7 +57,8 @@ pub struct HiveRequest<'a> {
 }
 
 /// What a client asked a hive for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Ask {
     /// `spawn_cocoon`.
     Spawn,
@@ -67,6 +74,8 @@ pub(crate) struct HiveRoute {
     outbox: Outbox,
     /// Outstanding requests: (client, request id) → what was asked.
     pending: HashMap<(ClientId, String), Ask>,
+    /// With a fleet backend: the revision of this instance's presence entry.
+    presence: Option<u64>,
 }
 
 /// A spawn token that has not claimed a device yet.
@@ -80,7 +89,28 @@ pub(crate) struct OpenSpawn {
 #[derive(Default)]
 pub(crate) struct HiveRoutes {
     hives: HashMap<(UserId, String), HiveRoute>,
+    /// Without a fleet backend: spawn tokens not used yet.
     spawns: HashMap<String, OpenSpawn>,
+}
+
+impl HiveRoutes {
+    /// The hives, for presence to check that the fleet still sees them:
+    /// (hive, connection).
+    pub(crate) fn holds(&self) -> impl Iterator<Item = (Hold, u64)> + '_ {
+        self.hives.iter().map(|((owner, name), route)| {
+            let hold = Hold::Hive(owner.clone(), name.clone(), route.kinds.clone());
+            (hold, route.conn)
+        })
+    }
+
+    /// Presence announced a hive again: withdrawing goes by `revision`.
+    pub(crate) fn reannounced(&mut self, owner: &UserId, name: &str, conn: u64, revision: u64) {
+        if let Some(route) = self.hives.get_mut(&(owner.clone(), name.to_owned()))
+            && route.conn == conn
+        {
+            route.presence = Some(revision);
+        }
+    }
 }
 
 /// A registered hive's hold on its route; dropping it takes the route down
@@ -117,13 +147,6 @@ fn check_id(what: &str, id: &str) -> Result<(), Reject> {
     }
 }
 
-fn random_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 12];
-    rand::rng().fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{hex}")
-}
-
 /// The reply a client gets when its request can no longer be answered.
 fn failure(ask: Ask, request_id: String, hive: String, error: String) -> FromServer {
     match ask {
@@ -148,25 +171,33 @@ fn failure(ask: Ask, request_id: String, hive: String, error: String) -> FromSer
     }
 }
 
+/// Closes a hive's connection that a newer registration replaced, and
+/// tells the clients of its outstanding requests.
+fn replaced(hub: &Hub, owner: &UserId, name: &str, route: HiveRoute) {
+    let _ = route.outbox.try_send(Outbound::Close(FromServer::error(
+        ErrorCode::Replaced,
+        "a newer registration of this hive took over",
+    )));
+    fail_pending(hub, owner, name, route.pending);
+}
+
 /// Tells the clients of a hive's outstanding requests that it went away.
-fn fail_pending(routes: &Routes, name: &str, pending: HashMap<(ClientId, String), Ask>) {
+fn fail_pending(hub: &Hub, owner: &UserId, name: &str, pending: HashMap<(ClientId, String), Ask>) {
     for ((client_id, request_id), ask) in pending {
-        if let Some(outbox) = routes.client_outbox(&client_id) {
-            let message = failure(
-                ask,
-                request_id,
-                name.to_owned(),
-                format!("hive {name} disconnected before answering"),
-            );
-            let _ = outbox.try_send(Outbound::Message(message));
-        }
+        let message = failure(
+            ask,
+            request_id,
+            name.to_owned(),
+            format!("hive {name} disconnected before answering"),
+        );
+        let _ = hub.route_to_client(Some(owner), &client_id, Outbound::Message(message));
     }
 }
 
 impl Hub {
     /// Checks a hive's token and puts its route up, replacing an older
-    /// connection of the same owner and name.
-    pub fn register_hive(
+    /// connection of the same owner and name (on any instance).
+    pub async fn register_hive(
         self: &Arc<Self>,
         outbox: Outbox,
         token: &Secret,
@@ -186,26 +217,31 @@ impl Hub {
             check_id("runner type", &kind.runner_type)?;
         }
         let conn = self.next_conn();
+        // Announced before its route is up: a put of an older registration
+        // elsewhere, seen later, must find the newer revision here.
+        let presence = match self.cluster() {
+            Some(cluster) => {
+                let hold = Hold::Hive(claims.sub.clone(), name.clone(), kinds.clone());
+                let revision = cluster.announce(&hold, conn).await.map_err(|err| {
+                    Reject::internal(err.context("cannot announce the hive to the fleet"))
+                })?;
+                Some(revision)
+            }
+            None => None,
+        };
         let key = (claims.sub.clone(), name.clone());
-        let mut routes = self.routes();
-        let old = routes.hive.hives.insert(
-            key,
-            HiveRoute {
-                conn,
-                kinds,
-                outbox,
-                pending: HashMap::new(),
-            },
-        );
+        let route = HiveRoute {
+            conn,
+            kinds,
+            outbox,
+            pending: HashMap::new(),
+            presence,
+        };
+        let old = self.routes().hive.hives.insert(key, route);
         if let Some(old) = old {
             tracing::info!(hive = %name, "hive registration replaced an older connection");
-            fail_pending(&routes, &name, old.pending);
-            let _ = old.outbox.try_send(Outbound::Close(FromServer::error(
-                ErrorCode::Replaced,
-                "a newer registration of this hive took over",
-            )));
+            replaced(self, &claims.sub, &name, old);
         }
-        drop(routes);
         Ok(HiveGuard {
             hub: self.clone(),
             owner: claims.sub,
@@ -216,18 +252,37 @@ impl Hub {
 
     /// The owner's online hives.
     pub fn list_hives(&self, owner: &UserId) -> Vec<HiveInfo> {
-        let routes = self.routes();
-        let mut hives: Vec<HiveInfo> = routes
+        let mut hives: Vec<HiveInfo> = self
+            .hives_of(owner)
+            .into_iter()
+            .map(|(name, kinds, _)| HiveInfo { name, kinds })
+            .collect();
+        hives.sort_by(|a, b| a.name.cmp(&b.name));
+        hives
+    }
+
+    /// The owner's online hives, here and on other instances: name, kinds,
+    /// and the instance holding it when that is not this one.
+    fn hives_of(&self, owner: &UserId) -> Vec<(String, Vec<HiveKind>, Option<String>)> {
+        let mut hives: Vec<_> = self
+            .routes()
             .hive
             .hives
             .iter()
             .filter(|((o, _), _)| o == owner)
-            .map(|((_, name), route)| HiveInfo {
-                name: name.clone(),
-                kinds: route.kinds.clone(),
-            })
+            .map(|((_, name), route)| (name.clone(), route.kinds.clone(), None))
             .collect();
-        hives.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(cluster) = self.cluster() {
+            for (name, held) in cluster
+                .presence()
+                .hives_elsewhere(owner, cluster.instance())
+            {
+                // Both for a moment when it moved: the newer closes the other.
+                if !hives.iter().any(|(n, ..)| *n == name) {
+                    hives.push((name, held.kinds, Some(held.instance)));
+                }
+            }
+        }
         hives
     }
 
@@ -248,14 +303,43 @@ impl Hub {
             kind,
         } = request;
         check_id("request_id", request_id)?;
-        let name = self.pick_hive(owner, hive, kind)?;
+        let (name, elsewhere) = self.pick_hive(owner, hive, kind)?;
         // Built without the routing lock: minting a spawn token takes it.
         let message = make(&name)?;
+        let (Some(instance), Some(cluster)) = (elsewhere, self.cluster()) else {
+            return self.deliver_ask(owner, &name, client_id, request_id, ask, message);
+        };
+        let mail = HiveMail::Ask {
+            owner: owner.clone(),
+            hive: name.clone(),
+            client_id: client_id.clone(),
+            request_id: request_id.to_owned(),
+            ask,
+            message,
+        };
+        cluster.send_hive_mail(&instance, &mail).map_err(|_| {
+            reject(
+                ErrorCode::PeerBacklogged,
+                format!("hive {name} is not reachable right now; the request was dropped"),
+            )
+        })
+    }
+
+    /// Hands a request to a hive of this instance and keeps it outstanding.
+    fn deliver_ask(
+        &self,
+        owner: &UserId,
+        name: &str,
+        client_id: &ClientId,
+        request_id: &str,
+        ask: Ask,
+        message: FromServer,
+    ) -> Result<(), Reject> {
         let mut routes = self.routes();
         let route = routes
             .hive
             .hives
-            .get_mut(&(owner.clone(), name.clone()))
+            .get_mut(&(owner.clone(), name.to_owned()))
             .ok_or_else(|| reject(ErrorCode::NoHive, format!("hive {name} just went offline")))?;
         if route.pending.len() >= MAX_PENDING_PER_HIVE {
             return Err(reject(
@@ -284,27 +368,24 @@ impl Hub {
     }
 
     /// The hive a request goes to: the one named, else the only one (or,
-    /// for a spawn, the first in name order offering the kind).
+    /// for a spawn, the first in name order offering the kind). With the
+    /// instance holding it, when that is not this one.
     fn pick_hive(
         &self,
         owner: &UserId,
         hive: Option<&str>,
         kind: Option<&str>,
-    ) -> Result<String, Reject> {
-        let routes = self.routes();
-        let offers = |route: &HiveRoute| kind.is_none_or(|k| route.kinds.iter().any(|x| x.id == k));
-        let mut candidates: Vec<&String> = routes
-            .hive
-            .hives
-            .iter()
-            .filter(|((o, name), route)| {
-                o == owner && hive.is_none_or(|h| h == name) && offers(route)
-            })
-            .map(|((_, name), _)| name)
+    ) -> Result<(String, Option<String>), Reject> {
+        let offers = |kinds: &[HiveKind]| kind.is_none_or(|k| kinds.iter().any(|x| x.id == k));
+        let mut candidates: Vec<(String, Option<String>)> = self
+            .hives_of(owner)
+            .into_iter()
+            .filter(|(name, kinds, _)| hive.is_none_or(|h| h == name) && offers(kinds))
+            .map(|(name, _, instance)| (name, instance))
             .collect();
         candidates.sort();
         match (candidates.as_slice(), hive, kind) {
-            ([one], _, _) | ([one, ..], _, Some(_)) => Ok((*one).clone()),
+            ([one], _, _) | ([one, ..], _, Some(_)) => Ok(one.clone()),
             ([_, _, ..], _, None) => Err(reject(
                 ErrorCode::NoHive,
                 "you have several online hives: name one with \"hive\"",
@@ -332,9 +413,10 @@ impl Hub {
         owner: &UserId,
         hive: &str,
     ) -> Result<(Secret, String), Reject> {
-        let spawn_id = random_id("s-");
+        let spawn_id = format!("s-{}", random_hex(12));
         let now = Instant::now();
-        {
+        // A fleet keeps nothing until the token is used (`take_spawn`).
+        if self.cluster().is_none() {
             let mut routes = self.routes();
             let spawns = &mut routes.hive.spawns;
             if spawns.len() >= MAX_OPEN_SPAWNS {
@@ -362,19 +444,36 @@ impl Hub {
             iat,
             exp: iat + SPAWN_TOKEN_TTL.as_secs(),
             spawn: Some(spawn_id.clone()),
+            hive: Some(hive.to_owned()),
         });
         Ok((Secret::new(token), spawn_id))
     }
 
-    /// Uses up a spawn token's id: the hive that asked for it, if it is still
-    /// open and the token's owner matches.
-    pub(crate) fn take_spawn(&self, spawn_id: &str, owner: &UserId) -> Option<String> {
+    /// Uses up a spawn token's id (from its verified claims): the hive that
+    /// asked for it, if the token was not used before (anywhere in the
+    /// fleet) and, without a fleet, its owner matches the open spawn.
+    pub(crate) async fn take_spawn(
+        &self,
+        spawn_id: &str,
+        owner: &UserId,
+        hive: Option<&str>,
+    ) -> Result<Option<String>, Reject> {
+        if let Some(cluster) = self.cluster() {
+            let first = cluster
+                .use_spawn(spawn_id)
+                .await
+                .map_err(Reject::internal)?;
+            return Ok(hive.filter(|_| first).map(str::to_owned));
+        }
         let mut routes = self.routes();
-        let open = routes.hive.spawns.remove(spawn_id)?;
-        (open.owner == *owner && open.expires > Instant::now()).then_some(open.hive)
+        let Some(open) = routes.hive.spawns.remove(spawn_id) else {
+            return Ok(None);
+        };
+        Ok((open.owner == *owner && open.expires > Instant::now()).then_some(open.hive))
     }
 
-    /// Tells a hive that the worker of one of its spawns registered.
+    /// Tells a hive (on whichever instance) that the worker of one of its
+    /// spawns registered.
     pub(crate) fn spawn_registered(
         &self,
         owner: &UserId,
@@ -382,15 +481,93 @@ impl Hub {
         spawn_id: String,
         device_id: DeviceId,
     ) {
+        let message = FromServer::CocoonRegistered {
+            spawn_id: spawn_id.clone(),
+            device_id: device_id.clone(),
+        };
+        if self.tell_hive(owner, hive, message) {
+            return;
+        }
+        let Some(cluster) = self.cluster() else {
+            return;
+        };
+        if let Some(held) = cluster
+            .presence()
+            .hive_elsewhere(owner, hive, cluster.instance())
+        {
+            let mail = HiveMail::Registered {
+                owner: owner.clone(),
+                hive: hive.to_owned(),
+                spawn_id,
+                device_id,
+            };
+            if cluster.send_hive_mail(&held.instance, &mail).is_err() {
+                tracing::warn!(%hive, "cocoon_registered dropped: the NATS queue is full");
+            }
+        }
+    }
+
+    /// Sends a message to a hive of this instance; false if it is not here.
+    fn tell_hive(&self, owner: &UserId, hive: &str, message: FromServer) -> bool {
         let routes = self.routes();
-        if let Some(route) = routes.hive.hives.get(&(owner.clone(), hive.to_owned())) {
-            let _ = route
-                .outbox
-                .try_send(Outbound::Message(FromServer::CocoonRegistered {
+        let Some(route) = routes.hive.hives.get(&(owner.clone(), hive.to_owned())) else {
+            return false;
+        };
+        let _ = route.outbox.try_send(Outbound::Message(message));
+        true
+    }
+
+    /// Mail from another instance for a hive of this one.
+    pub(crate) fn hive_mail(&self, mail: HiveMail) {
+        match mail {
+            HiveMail::Ask {
+                owner,
+                hive,
+                client_id,
+                request_id,
+                ask,
+                message,
+            } => {
+                if let Err(err) =
+                    self.deliver_ask(&owner, &hive, &client_id, &request_id, ask, message)
+                {
+                    let reply = failure(ask, request_id, hive, err.message);
+                    let _ =
+                        self.route_to_client(Some(&owner), &client_id, Outbound::Message(reply));
+                }
+            }
+            HiveMail::Registered {
+                owner,
+                hive,
+                spawn_id,
+                device_id,
+            } => {
+                let message = FromServer::CocoonRegistered {
                     spawn_id,
                     device_id,
-                }));
+                };
+                self.tell_hive(&owner, &hive, message);
+            }
         }
+    }
+
+    /// A hive of this owner and name registered on another instance: if
+    /// that is newer than ours, ours is closed as replaced.
+    pub(crate) fn hive_up_elsewhere(&self, owner: &UserId, name: &str, held: &HeldHive) {
+        let key = (owner.clone(), name.to_owned());
+        let mut routes = self.routes();
+        let newer = routes
+            .hive
+            .hives
+            .get(&key)
+            .is_some_and(|route| route.presence.is_none_or(|ours| ours < held.revision));
+        if !newer {
+            return;
+        }
+        let route = routes.hive.hives.remove(&key).expect("just seen");
+        drop(routes);
+        tracing::info!(hive = %name, instance = %held.instance, "hive registered on another instance; closing its connection here");
+        replaced(self, owner, name, route);
     }
 }
 
@@ -442,15 +619,8 @@ impl HiveGuard {
                 *error = Some("the hive named a device that is not yours".into());
             }
         }
-        match self.hub.client_outbox(&client_id, Some(&self.owner)) {
-            Some(outbox) => outbox
-                .try_send(Outbound::Message(message))
-                .map_err(|_| reject(ErrorCode::PeerBacklogged, "the client is not keeping up")),
-            None => Err(reject(
-                ErrorCode::ClientGone,
-                format!("client {client_id} is not connected"),
-            )),
-        }
+        self.hub
+            .route_to_client(Some(&self.owner), &client_id, Outbound::Message(message))
     }
 
     /// A setup token for a worker this hive starts on its own (a pool).
@@ -473,10 +643,16 @@ impl Drop for HiveGuard {
             .hive
             .hives
             .get(&key)
-            .is_some_and(|r| r.conn == self.conn)
+            .is_none_or(|r| r.conn != self.conn)
         {
-            let route = routes.hive.hives.remove(&key).expect("just checked");
-            fail_pending(&routes, &self.name, route.pending);
+            return;
         }
+        let route = routes.hive.hives.remove(&key).expect("just checked");
+        drop(routes);
+        if let (Some(cluster), Some(revision)) = (self.hub.cluster(), route.presence) {
+            let hold = Hold::Hive(self.owner.clone(), self.name.clone(), Vec::new());
+            cluster.withdraw(&hold, revision);
+        }
+        fail_pending(&self.hub, &self.owner, &self.name, route.pending);
     }
 }

@@ -11,13 +11,12 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rand::RngCore;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::auth::{Claims, TokenError, TokenKey, TokenKind};
-use crate::cluster::Cluster;
 use crate::cluster::presence::Held;
+use crate::cluster::{Cluster, Hold};
 use crate::hive::{Ask, HiveRequest, HiveRoutes};
 use crate::ice::IceSettings;
 use crate::identity::{check_secret_strength, constant_time_eq, derive_device_id};
@@ -25,7 +24,7 @@ use crate::limit::FailureLimiter;
 use crate::protocol::{
     ClientId, DeviceId, DeviceInfo, ErrorCode, FromServer, Secret, UserId, encode_relay,
 };
-use crate::store::Store;
+use crate::store::{Store, random_hex};
 
 /// Messages queued for one connection's writer.
 pub const OUTBOX_CAPACITY: usize = 256;
@@ -61,7 +60,7 @@ impl Reject {
         }
     }
 
-    fn internal(err: anyhow::Error) -> Self {
+    pub(crate) fn internal(err: anyhow::Error) -> Self {
         tracing::error!(err = format!("{err:#}"), "internal error");
         Self::new(ErrorCode::Internal, "internal server error")
     }
@@ -123,15 +122,6 @@ pub(crate) struct Routes {
     devices: HashMap<DeviceId, DeviceRoute>,
     clients: HashMap<ClientId, ClientRoute>,
     pub(crate) hive: HiveRoutes,
-}
-
-impl Routes {
-    /// A connected client's outbox.
-    pub(crate) fn client_outbox(&self, client_id: &ClientId) -> Option<Outbox> {
-        self.clients
-            .get(client_id)
-            .map(|route| route.outbox.clone())
-    }
 }
 
 /// Shared state of one signaling server.
@@ -396,8 +386,9 @@ impl Hub {
             Some(Ok(Claims {
                 sub,
                 spawn: Some(spawn_id),
+                hive,
                 ..
-            })) => match self.take_spawn(&spawn_id, &sub) {
+            })) => match self.take_spawn(&spawn_id, &sub, hive.as_deref()).await? {
                 Some(hive) => {
                     spawn = Some((hive, spawn_id));
                     Some(sub)
@@ -455,12 +446,7 @@ impl Hub {
         token: &Secret,
     ) -> Result<ClientGuard, Reject> {
         let claims = self.tokens.verify(token.expose(), TokenKind::Access)?;
-        let mut bytes = [0u8; 12];
-        rand::rng().fill_bytes(&mut bytes);
-        let client_id = ClientId::new(format!(
-            "c-{}",
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        ));
+        let client_id = ClientId::new(format!("c-{}", random_hex(12)));
         let attached = match &self.cluster {
             Some(cluster) => Some(
                 cluster
@@ -609,25 +595,30 @@ impl Hub {
         }
     }
 
-    /// This instance's devices, for presence to check that the fleet still
-    /// sees them: (device, owner, connection).
-    pub(crate) fn fleet_devices(&self) -> Vec<(DeviceId, Option<UserId>, u64)> {
+    /// This instance's devices and hives, for presence to check that the
+    /// fleet still sees them: (what, connection).
+    pub(crate) fn fleet_holds(&self) -> Vec<(Hold, u64)> {
         let routes = self.routes.lock().unwrap();
-        routes
-            .devices
-            .iter()
-            .map(|(id, route)| (id.clone(), route.owner.clone(), route.conn))
-            .collect()
+        let devices = routes.devices.iter().map(|(id, route)| {
+            let hold = Hold::Device(id.clone(), route.owner.clone());
+            (hold, route.conn)
+        });
+        devices.chain(routes.hive.holds()).collect()
     }
 
-    /// Presence announced a device of this instance again (the fleet had
-    /// lost its entry): withdrawing goes by the new revision.
-    pub(crate) fn reannounced(&self, device_id: &DeviceId, conn: u64, revision: u64) {
+    /// Presence announced a device or hive of this instance again (the
+    /// fleet had lost its entry): withdrawing goes by the new revision.
+    pub(crate) fn reannounced(&self, hold: &Hold, conn: u64, revision: u64) {
         let mut routes = self.routes.lock().unwrap();
-        if let Some(route) = routes.devices.get_mut(device_id)
-            && route.conn == conn
-        {
-            route.presence = Some(revision);
+        match hold {
+            Hold::Device(device_id, _) => {
+                if let Some(route) = routes.devices.get_mut(device_id)
+                    && route.conn == conn
+                {
+                    route.presence = Some(revision);
+                }
+            }
+            Hold::Hive(owner, name, _) => routes.hive.reannounced(owner, name, conn, revision),
         }
     }
 
@@ -642,17 +633,40 @@ impl Hub {
         }
     }
 
-    pub(crate) fn client_outbox(
-        &self,
-        client_id: &ClientId,
-        owner: Option<&UserId>,
-    ) -> Option<Outbox> {
+    fn client_outbox(&self, client_id: &ClientId, owner: Option<&UserId>) -> Option<Outbox> {
         let routes = self.routes.lock().unwrap();
         routes
             .clients
             .get(client_id)
             .filter(|route| Some(&route.owner) == owner)
             .map(|route| route.outbox.clone())
+    }
+
+    /// Sends to a client of `owner` wherever it is connected. Not here: the
+    /// instance holding the client (if any) checks the owner; a client that
+    /// is gone everywhere drops it unheard.
+    pub(crate) fn route_to_client(
+        &self,
+        owner: Option<&UserId>,
+        client_id: &ClientId,
+        outbound: Outbound,
+    ) -> Result<(), Reject> {
+        let gone = || {
+            Reject::new(
+                ErrorCode::ClientGone,
+                format!("client {client_id} is not connected"),
+            )
+        };
+        match (self.client_outbox(client_id, owner), &self.cluster, owner) {
+            (Some(outbox), ..) => deliver(self, &outbox, outbound, gone()),
+            (None, Some(cluster), Some(owner)) => {
+                self.count_relayed(&outbound);
+                cluster
+                    .to_client(client_id, owner, &outbound)
+                    .map_err(|_| backlogged())
+            }
+            _ => Err(gone()),
+        }
     }
 }
 
@@ -691,7 +705,8 @@ async fn join_fleet(
     let attached = cluster
         .attach_device(device_id, owner.cloned(), outbox.clone())
         .await?;
-    let revision = cluster.announce(device_id, owner, conn).await?;
+    let hold = Hold::Device(device_id.clone(), owner.cloned());
+    let revision = cluster.announce(&hold, conn).await?;
     Ok(FleetHold {
         cluster: cluster.clone(),
         revision,
@@ -752,26 +767,8 @@ impl DeviceGuard {
     }
 
     fn route_to_client(&self, client_id: &ClientId, outbound: Outbound) -> Result<(), Reject> {
-        let gone = || {
-            Reject::new(
-                ErrorCode::ClientGone,
-                format!("client {client_id} is not connected"),
-            )
-        };
-        match self.hub.client_outbox(client_id, self.owner.as_ref()) {
-            Some(outbox) => deliver(&self.hub, &outbox, outbound, gone()),
-            // Not here: the instance holding the client (if any) checks the
-            // owner; a client that is gone everywhere drops it unheard.
-            None => match (self.hub.cluster(), &self.owner) {
-                (Some(cluster), Some(owner)) => {
-                    self.hub.count_relayed(&outbound);
-                    cluster
-                        .to_client(client_id, owner, &outbound)
-                        .map_err(|_| backlogged())
-                }
-                _ => Err(gone()),
-            },
-        }
+        self.hub
+            .route_to_client(self.owner.as_ref(), client_id, outbound)
     }
 }
 
@@ -787,7 +784,8 @@ impl Drop for DeviceGuard {
         }
         let route = routes.devices.remove(&self.device_id);
         if let (Some(fleet), Some(revision)) = (&self.fleet, route.and_then(|r| r.presence)) {
-            fleet.cluster.withdraw(&self.device_id, revision);
+            let hold = Hold::Device(self.device_id.clone(), None);
+            fleet.cluster.withdraw(&hold, revision);
         }
         if let Some(owner) = &self.owner {
             broadcast_status(&routes, owner, &self.device_id, false);

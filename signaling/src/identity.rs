@@ -140,12 +140,7 @@ pub fn derive_device_id(salt: &[u8], secret: &Secret) -> DeviceId {
     let mut mac = Hmac::<Sha256>::new_from_slice(salt).expect("HMAC takes keys of any length");
     mac.update(secret.expose().as_bytes());
     let digest = mac.finalize().into_bytes();
-    DeviceId::new(
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>(),
-    )
+    DeviceId::new(crate::store::hex(&digest))
 }
 
 /// Compares two strings in time that depends only on their lengths.

@@ -295,6 +295,7 @@ fn bad_tokens(server: &TestServer, kind: TokenKind) -> Vec<(&'static str, String
                 iat: unix_now() - 100,
                 exp: unix_now() - 1,
                 spawn: None,
+                hive: None,
             }),
             ErrorCode::TokenExpired,
         ),

@@ -13,7 +13,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{bucket, live};
+use super::{Keep, bucket, live};
 use crate::auth::unix_now;
 use crate::protocol::{DeviceId, UserId};
 use crate::store::DeviceRecord;
@@ -75,8 +75,8 @@ impl DeviceBucket {
     /// Opens (creating if needed) the buckets.
     pub async fn open(js: &jetstream::Context, replicas: usize) -> anyhow::Result<Self> {
         Ok(Self {
-            devices: bucket(js, DEVICES_BUCKET, replicas, false).await?,
-            owners: bucket(js, OWNERS_BUCKET, replicas, false).await?,
+            devices: bucket(js, DEVICES_BUCKET, replicas, Keep::OnDisk).await?,
+            owners: bucket(js, OWNERS_BUCKET, replicas, Keep::OnDisk).await?,
         })
     }
 
@@ -305,8 +305,7 @@ impl DeviceBucket {
 
 /// Owner ids are arbitrary text; keys allow only a few characters.
 fn owner_key(owner: &UserId) -> String {
-    let hex: String = owner.as_str().bytes().map(|b| format!("{b:02x}")).collect();
-    format!("o{hex}")
+    format!("o{}", crate::store::hex(owner.as_str().as_bytes()))
 }
 
 fn to_record(device_id: DeviceId, stored: Stored) -> DeviceRecord {

@@ -10,7 +10,7 @@
 //! - **devices** (buckets `cocoon_devices` and `cocoon_owners`, see
 //!   [`devices`]): records and claims, changed only by compare-and-set;
 //! - **presence** (bucket `cocoon_presence`, see [`presence`]): which instance
-//!   holds each online device, and a heartbeat per instance; every instance
+//!   holds each online device and hive, and a heartbeat per instance; every instance
 //!   mirrors the bucket in memory and sweeps out the devices of an instance
 //!   that stopped beating;
 //! - **routing** (core NATS subjects): `cocoon.device.<device_id>` is
@@ -18,16 +18,19 @@
 //!   by the instance holding that client. A message carries the same JSON
 //!   (`sync_data`, `client_left`) or binary relay message that the WebSocket
 //!   would, with headers naming its kind and the owner it speaks for; the
-//!   receiving instance checks that owner against its own route.
+//!   receiving instance checks that owner against its own route;
+//! - **hives** (see [`hives`]): requests for a hive on another instance go to
+//!   that instance, and spawn tokens are single-use across the fleet.
 //!
 //! Routing stays local when both ends are on one instance; NATS carries only
 //! what crosses instances.
 
 pub mod devices;
+pub mod hives;
 pub mod presence;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -44,7 +47,8 @@ use crate::protocol::{ClientId, DeviceId, FromServer, UserId, decode_relay};
 use crate::store::random_hex;
 
 pub use devices::DeviceBucket;
-pub use presence::Presence;
+pub use hives::HiveMail;
+pub use presence::{Hold, Presence};
 
 const CONFIG_BUCKET: &str = "cocoon_config";
 const SALT_KEY: &str = "hmac_salt";
@@ -82,6 +86,8 @@ enum Kind {
     Relay,
     /// A client left; the payload is its id.
     ClientLeft,
+    /// A [`HiveMail`] in JSON.
+    HiveMail,
 }
 
 impl Kind {
@@ -90,6 +96,7 @@ impl Kind {
             Kind::Message => "message",
             Kind::Relay => "relay",
             Kind::ClientLeft => "client_left",
+            Kind::HiveMail => "hive_mail",
         }
     }
 
@@ -98,6 +105,7 @@ impl Kind {
             "message" => Some(Kind::Message),
             "relay" => Some(Kind::Relay),
             "client_left" => Some(Kind::ClientLeft),
+            "hive_mail" => Some(Kind::HiveMail),
             _ => None,
         }
     }
@@ -126,6 +134,10 @@ pub struct Cluster {
     publish: mpsc::Sender<Publish>,
     instance: String,
     presence: Presence,
+    /// Used spawn ids.
+    spawns: kv::Store,
+    /// Mail for this instance's hives, until [`Cluster::start`] reads it.
+    hive_mail: Mutex<Option<async_nats::Subscriber>>,
     /// Stops the background tasks (the presence watcher and heartbeat).
     stop: CancellationToken,
 }
@@ -158,7 +170,7 @@ impl Cluster {
             .await
             .with_context(|| format!("cannot connect to NATS at {}", options.url))?;
         let js = jetstream::new(client.clone());
-        let config = bucket(&js, CONFIG_BUCKET, options.replicas, false).await?;
+        let config = bucket(&js, CONFIG_BUCKET, options.replicas, Keep::OnDisk).await?;
         let salt = match salt_override.filter(|s| !s.is_empty()) {
             Some(salt) => salt.as_bytes().to_vec(),
             None => shared_secret(&config, SALT_KEY).await?,
@@ -166,7 +178,18 @@ impl Cluster {
         let tokens = TokenKey::new(shared_secret(&config, TOKEN_KEY).await?);
         let devices = DeviceBucket::open(&js, options.replicas).await?;
         let presence = Presence::open(&js, options.replicas).await?;
+        let spawns = bucket(
+            &js,
+            hives::SPAWNS_BUCKET,
+            options.replicas,
+            Keep::OnDiskFor(hives::SPAWNS_KEPT),
+        )
+        .await?;
         let instance = format!("i-{}", random_hex(8));
+        let hive_mail = client
+            .subscribe(hives::subject(&instance))
+            .await
+            .context("cannot subscribe to hive mail")?;
         tracing::info!(%instance, url = %options.url, "joined the NATS fleet");
         let stop = CancellationToken::new();
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
@@ -176,6 +199,8 @@ impl Cluster {
             publish,
             instance,
             presence,
+            spawns,
+            hive_mail: Mutex::new(Some(hive_mail)),
             stop,
         });
         Ok(Joined {
@@ -194,6 +219,28 @@ impl Cluster {
     /// Starts mirroring presence and beating the heartbeat; `hub` is told
     /// about devices appearing and vanishing elsewhere.
     pub fn start(self: &Arc<Self>, hub: Weak<Hub>) {
+        if let Some(mut mail) = self.hive_mail.lock().unwrap().take() {
+            let (hub, stop) = (hub.clone(), self.stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    let message = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        message = mail.next() => match message {
+                            Some(message) => message,
+                            None => break,
+                        },
+                    };
+                    let Some(mail) = hives::decode(&message) else {
+                        tracing::debug!("ignored malformed hive mail");
+                        continue;
+                    };
+                    match hub.upgrade() {
+                        Some(hub) => hub.hive_mail(mail),
+                        None => break,
+                    }
+                }
+            });
+        }
         self.presence
             .start(self.instance.clone(), hub, self.stop.clone());
     }
@@ -203,23 +250,16 @@ impl Cluster {
         &self.presence
     }
 
-    /// Publishes that `device_id`, owned by `owner`, is held here. Returns
-    /// the revision to delete it by.
-    pub async fn announce(
-        &self,
-        device_id: &DeviceId,
-        owner: Option<&UserId>,
-        conn: u64,
-    ) -> anyhow::Result<u64> {
-        self.presence
-            .announce(&self.instance, device_id, owner, conn)
-            .await
+    /// Publishes that a device or hive is held here, by connection `conn`.
+    /// Returns the revision to withdraw it by.
+    pub async fn announce(&self, hold: &Hold, conn: u64) -> anyhow::Result<u64> {
+        self.presence.announce(&self.instance, hold, conn).await
     }
 
-    /// Withdraws this instance's presence of a device (unless another
-    /// instance took it over since).
-    pub fn withdraw(&self, device_id: &DeviceId, revision: u64) {
-        self.presence.withdraw(device_id, revision);
+    /// Withdraws this instance's presence of a device or hive (unless
+    /// another instance took it over since).
+    pub fn withdraw(&self, hold: &Hold, revision: u64) {
+        self.presence.withdraw(hold, revision);
     }
 
     /// Forwards what other instances send to a local device into its outbox
@@ -477,7 +517,19 @@ fn inbound(message: &async_nats::Message, owner: Option<&UserId>) -> Option<Outb
                 client_id: ClientId::new(client_id),
             }))
         }
+        Kind::HiveMail => None,
     }
+}
+
+/// Where a bucket's entries live, and for how long.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// In the NATS servers' memory (lost when they all restart).
+    InMemory,
+    /// On their disks, until deleted.
+    OnDisk,
+    /// On their disks, each entry for this long.
+    OnDiskFor(Duration),
 }
 
 /// Opens a key-value bucket, creating it when missing. Creating one with the
@@ -491,18 +543,20 @@ async fn bucket(
     js: &jetstream::Context,
     name: &str,
     replicas: usize,
-    memory: bool,
+    keep: Keep,
 ) -> anyhow::Result<kv::Store> {
     use jetstream::stream::{self, DiscardPolicy, StorageType};
+    let (storage, max_age) = match keep {
+        Keep::InMemory => (StorageType::Memory, Duration::ZERO),
+        Keep::OnDisk => (StorageType::File, Duration::ZERO),
+        Keep::OnDiskFor(age) => (StorageType::File, age),
+    };
     let config = stream::Config {
         name: format!("KV_{name}"),
         subjects: vec![format!("$KV.{name}.>")],
         max_messages_per_subject: 1,
-        storage: if memory {
-            StorageType::Memory
-        } else {
-            StorageType::File
-        },
+        storage,
+        max_age,
         num_replicas: replicas.max(1),
         allow_rollup: true,
         deny_delete: true,
