@@ -313,6 +313,40 @@ async fn a_cut_direct_path_falls_back_and_comes_back() {
     run_in(&mut pty, "echo three-$((3))\n", "three-3\r\n").await;
 }
 
+/// A first attempt that fails (here: UDP blocked) is not the end of the ICE
+/// timeout: the client tries again, and a path that opens meanwhile is
+/// used long before the timeout would have settled on the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_attempt_is_tried_again_within_the_ice_timeout() {
+    use common::netns::Netns;
+
+    let ns = Netns::create();
+    ns.block_udp();
+    let rig = Rig::start_in(&ns, &[]).await;
+    let mut rtc = netns_rtc(&ns);
+    rtc.ice_timeout = Duration::from_secs(60);
+    let session = rig.rtc_session(rtc).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = session.path().await.unwrap();
+        assert_eq!(status.path, Path::Relay);
+        if status.offers >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no second attempt after the first failed: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ns.unblock_udp();
+    session
+        .wait_for_path(Path::Direct, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(!session.path().await.unwrap().settled_on_relay);
+}
+
 /// Polls the session until it reports that it settled on the relay.
 async fn wait_settled(session: &cocoon::session::client::Session) {
     let deadline = std::time::Instant::now() + DEADLINE;

@@ -112,12 +112,18 @@ impl World {
     }
 
     async fn with(net: NatNet, server: PubServer, worker_env: &[(&str, &str)]) -> Self {
+        // What the client and the worker said shows when a test fails.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("info")
+            .try_init();
         let worker_dir = tempfile::tempdir().unwrap();
         let setup = server.token(TokenKind::Setup);
         // Only what the server issues: no configured STUN server at all.
         let mut env = vec![
             ("COCOON_SETUP_TOKEN", setup.expose()),
             ("WEBRTC_ICE_SERVERS", ""),
+            ("RUST_LOG", "info"),
         ];
         env.extend_from_slice(worker_env);
         let mut worker = WorkerProcess::spawn_in_named(
@@ -197,7 +203,7 @@ async fn wait_for_path(session: &Session, want: Path) -> (String, String) {
         }
         assert!(
             Instant::now() < deadline,
-            "still {:?} instead of {want:?}",
+            "still {:?} instead of {want:?}: {status:?}",
             status.path
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -367,11 +373,7 @@ async fn without_the_udp_block_sessions_go_peer_to_peer() {
     assert_eq!(doctor(&world).await, "p2p", "easy NATs");
 }
 
-// Run on its own (`scripts/test` does, in a process of its own): after it,
-// the next TURN test in the same process never reaches TURN (reproduced
-// with `--test-threads=1 chromium without_coturn`; not understood yet).
 #[tokio::test]
-#[ignore = "runs in a process of its own: scripts/test runs it with --ignored"]
 async fn chromium_behind_a_nat_gets_its_terminal_through_turn() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut net = NatNet::create(NatOptions {

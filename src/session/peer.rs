@@ -32,6 +32,9 @@ const OUT_QUEUE: usize = 64;
 const CONTROL_BUFFER: usize = 8 * 1024 * 1024;
 /// Requests held at most in strict mode.
 const MAX_HELD: usize = 64;
+/// An offer that comes as the worker registers waits this long at most for
+/// the signaling server's ICE servers.
+const ISSUED_WITHIN: Duration = Duration::from_secs(2);
 /// Resend what is unacknowledged after this long without progress.
 const RETRANSMIT_AFTER: Duration = Duration::from_millis(1000);
 
@@ -329,6 +332,7 @@ impl Peer {
                     );
                     return self.reply(err.into_response(None, None)).await;
                 };
+                config.issued.first(ISSUED_WITHIN).await;
                 match self.rtc.answer(&config, sdp).await {
                     Ok(sdp) => self.reply(Response::RtcAnswer { sdp }).await,
                     Err(err) => {

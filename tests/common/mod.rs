@@ -392,6 +392,20 @@ impl WorkerProcess {
     }
 }
 
+impl Drop for WorkerProcess {
+    /// A failing test shows what the process said last.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        let tail = &self.seen[self.seen.len().saturating_sub(60)..];
+        eprintln!("--- the process's last lines ---\n{}", tail.join("\n"));
+    }
+}
+
 /// A WebSocket peer that can send anything.
 pub struct RawPeer {
     stream: tokio_tungstenite::WebSocketStream<

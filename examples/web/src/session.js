@@ -25,6 +25,11 @@ const STREAM_BUFFER = 4 * 1024 * 1024;
 const ACK_EVERY = 16 * 1024;
 /** After a working direct path fails, a new one is offered this much later. */
 const REOFFER_MS = 3000;
+/**
+ * After an attempt fails before it ever worked, the next one starts this much
+ * later, while the ICE timeout leaves time for it.
+ */
+const RETRY_MS = 1000;
 /** A data channel that does not drain for this long is given up. */
 const STALL_MS = 2000;
 /** How long an ICE attempt may take before the session settles on the relay. */
@@ -292,6 +297,8 @@ export class Session extends EventTarget {
   // ---- WebRTC ---------------------------------------------------------------
 
   async startRtc() {
+    // A retry keeps the first attempt's deadline.
+    const deadline = this.rtcDeadline;
     this.closeRtc();
     if (typeof RTCPeerConnection === 'undefined') return;
     let pc;
@@ -308,7 +315,7 @@ export class Session extends EventTarget {
     this.dc = dc;
     this.remoteDescribed = false;
     this.earlyCandidates = [];
-    this.rtcDeadline = performance.now() + this.iceTimeoutMs;
+    this.rtcDeadline = deadline ?? performance.now() + this.iceTimeoutMs;
     pc.onicecandidate = (event) => {
       const c = event.candidate;
       if (pc !== this.pc || !c || !c.candidate) return;
@@ -326,6 +333,16 @@ export class Session extends EventTarget {
       const state = pc.connectionState;
       if ((state === 'failed' || state === 'disconnected' || state === 'closed') && this.channel) {
         this.fallBack(`peer-to-peer connection ${state}`);
+      } else if (
+        state === 'failed' &&
+        this.reofferAt === null &&
+        this.rtcDeadline !== null &&
+        performance.now() + 2 * RETRY_MS < this.rtcDeadline
+      ) {
+        // Checks can fail early (a NAT mapping, a TURN allocation or the
+        // peer's candidates not ready yet): the ICE timeout is for trying.
+        this.notice('peer-to-peer attempt failed; trying again');
+        this.reofferAt = performance.now() + RETRY_MS;
       }
     };
     dc.onopen = () => {

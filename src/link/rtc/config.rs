@@ -2,8 +2,11 @@
 //! JSON, and the network knobs real deployments need.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use serde::Deserialize;
 
@@ -35,17 +38,41 @@ impl From<cocoon_signaling::protocol::IceServer> for IceServer {
 /// credentials), replaced whenever they are refreshed and shared by every
 /// connection made from the same [`RtcConfig`].
 #[derive(Debug, Clone, Default)]
-pub struct IssuedIce(Arc<RwLock<Vec<IceServer>>>);
+pub struct IssuedIce(Arc<Issued>);
+
+#[derive(Debug, Default)]
+struct Issued {
+    servers: RwLock<Vec<IceServer>>,
+    /// Set by the first issue (or a wait for it in vain).
+    known: AtomicBool,
+    arrived: Notify,
+}
 
 impl IssuedIce {
     /// Replaces the issued servers.
     pub fn set(&self, servers: Vec<IceServer>) {
-        *self.0.write().unwrap() = servers;
+        *self.0.servers.write().unwrap() = servers;
+        self.0.known.store(true, Ordering::Release);
+        self.0.arrived.notify_waiters();
     }
 
     /// The issued servers now.
     pub fn get(&self) -> Vec<IceServer> {
-        self.0.read().unwrap().clone()
+        self.0.servers.read().unwrap().clone()
+    }
+
+    /// Waits, at most `within`, for the first issue: a connection made just
+    /// before it would gather no STUN or TURN candidate at all (a worker
+    /// that a client reaches the moment it registers). A wait in vain (a
+    /// server that issues nothing) is not repeated.
+    pub async fn first(&self, within: Duration) {
+        let arrived = self.0.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        if !self.0.known.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(within, arrived).await;
+            self.0.known.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -224,5 +251,36 @@ mod tests {
         );
         assert!(parse_network("10.0.0.0/33").is_err());
         assert!(parse_network("nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_connection_waits_for_the_first_issue_only() {
+        let issued = IssuedIce::default();
+        let later = issued.clone();
+        let server = IceServer {
+            urls: vec!["stun:10.0.0.1:3478".into()],
+            username: None,
+            credential: None,
+        };
+        let arriving = server.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            later.set(vec![arriving]);
+        });
+        issued.first(Duration::from_secs(60)).await;
+        assert_eq!(issued.get(), vec![server], "waited for the issue");
+        // Known now: no more waiting.
+        let start = tokio::time::Instant::now();
+        issued.first(Duration::from_secs(60)).await;
+        assert!(start.elapsed() < Duration::from_secs(1));
+
+        // A server that issues nothing costs one wait, once.
+        let silent = IssuedIce::default();
+        let start = tokio::time::Instant::now();
+        silent.first(Duration::from_millis(200)).await;
+        assert!(start.elapsed() >= Duration::from_millis(200));
+        let again = tokio::time::Instant::now();
+        silent.first(Duration::from_secs(60)).await;
+        assert!(again.elapsed() < Duration::from_secs(1));
     }
 }

@@ -27,6 +27,9 @@ pub(super) const STREAM_BUFFER: usize = 4 * 1024 * 1024;
 const MAX_PINGS: usize = 64;
 /// After a working direct path fails, a new one is offered this much later.
 const REOFFER_AFTER: Duration = Duration::from_secs(3);
+/// After an attempt fails before it ever worked, the next one starts this
+/// much later, while the ICE timeout leaves time for it.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Reconnecting to the signaling server: the first try after about this
 /// long, then twice as long each time up to the cap.
 const REJOIN_FIRST: Duration = Duration::from_millis(250);
@@ -199,6 +202,8 @@ pub(super) struct Driver {
     rtc_deadline: Option<Instant>,
     settled_on_relay: bool,
     reoffer_at: Option<Instant>,
+    /// Peer-to-peer connections offered so far.
+    offers: u32,
     /// Commands held in strict mode.
     held: Vec<Command>,
     /// When to ask the server for fresh ICE servers (TURN credentials).
@@ -235,6 +240,7 @@ impl Driver {
             rtc_deadline: None,
             settled_on_relay: false,
             reoffer_at: None,
+            offers: 0,
             held: Vec::new(),
             ask_ice_at: refresh_ice.map(|after| Instant::now() + after),
         }
@@ -439,7 +445,10 @@ impl Driver {
             return Ok(());
         };
         let sdp = self.rtc.offer(&config).await?;
-        self.rtc_deadline = Some(Instant::now() + config.ice_timeout);
+        self.offers += 1;
+        // A retry keeps the first attempt's deadline.
+        self.rtc_deadline
+            .get_or_insert_with(|| Instant::now() + config.ice_timeout);
         self.queue_request(&Request::RtcOffer { sdp })?;
         self.flush().await
     }
@@ -467,6 +476,18 @@ impl Driver {
                     tracing::info!(?state, "peer connection lost; back to the relay");
                     self.switch_link(false);
                     self.flush().await?;
+                } else if state == S::Failed
+                    && self.rtc.channel().is_none()
+                    && self.reoffer_at.is_none()
+                    && self
+                        .rtc_deadline
+                        .is_some_and(|deadline| deadline > Instant::now() + 2 * RETRY_AFTER)
+                {
+                    // Checks can fail early (a NAT mapping, a TURN allocation
+                    // or the peer's candidates not ready yet): the ICE
+                    // timeout is for trying, so try again.
+                    tracing::info!("peer-to-peer attempt failed; trying again");
+                    self.reoffer_at = Some(Instant::now() + RETRY_AFTER);
                 }
                 Ok(())
             }
@@ -691,6 +712,7 @@ impl Driver {
                 let _ = reply.send(PathStatus {
                     path: self.rtc.path().await,
                     settled_on_relay: self.settled_on_relay,
+                    offers: self.offers,
                     remote_address: pair.as_ref().map(|(_, address)| address.clone()),
                     candidates: pair.map(|(types, _)| types),
                 });

@@ -122,6 +122,9 @@ pub struct PathStatus {
     pub candidates: Option<(String, String)>,
     /// The remote (worker's) candidate's address, `IP:PORT`, once connected.
     pub remote_address: Option<String>,
+    /// Peer-to-peer connections offered so far (retries and new paths after
+    /// a lost one included).
+    pub offers: u32,
 }
 
 /// A session with one device. It outlives its links: when the connection
