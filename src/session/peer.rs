@@ -203,7 +203,7 @@ impl Peer {
                 Ok(())
             }
             None => {
-                self.rtc.close().await;
+                self.rtc.fall_back();
                 self.switch_link(false);
                 self.flush_control().await
             }

@@ -417,12 +417,7 @@ impl Presence {
             conn: value.conn,
             revision: entry.revision,
         };
-        // An instance first heard of through a device gets the same grace
-        // as one that just beat.
-        mirror
-            .instances
-            .entry(held.instance.clone())
-            .or_insert_with(Instant::now);
+        mirror.heard_of(&held.instance);
         let before = mirror.devices.insert(device_id.clone(), held.clone());
         if held.instance == local {
             Vec::new()
@@ -482,6 +477,14 @@ impl Presence {
 }
 
 impl Mirror {
+    /// An instance first heard of through an entry gets the same grace as
+    /// one that just beat.
+    fn heard_of(&mut self, instance: &str) {
+        if !self.instances.contains_key(instance) {
+            self.instances.insert(instance.to_owned(), Instant::now());
+        }
+    }
+
     /// Whether the mirror shows `hold` (held by any instance).
     fn has(&self, hold: &Hold) -> bool {
         match hold {
@@ -510,10 +513,7 @@ fn apply_hive(mirror: &mut Mirror, key: &str, entry: &kv::Entry, local: &str) ->
         kinds: value.kinds,
         revision: entry.revision,
     };
-    mirror
-        .instances
-        .entry(held.instance.clone())
-        .or_insert_with(Instant::now);
+    mirror.heard_of(&held.instance);
     mirror.hives.insert(id.clone(), held.clone());
     if held.instance == local {
         Vec::new()

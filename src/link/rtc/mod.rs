@@ -49,7 +49,7 @@ impl RtcSide {
 
     /// Offerer: a new connection and its offer.
     pub async fn offer(&mut self, config: &RtcConfig) -> anyhow::Result<String> {
-        self.close().await;
+        self.fall_back();
         let (peer, events) = RtcPeer::new(config).await?;
         let sdp = peer.offer().await?;
         self.peer = Some(peer);
@@ -59,7 +59,7 @@ impl RtcSide {
 
     /// Answerer: a new connection for this offer, and the answer.
     pub async fn answer(&mut self, config: &RtcConfig, offer: String) -> anyhow::Result<String> {
-        self.close().await;
+        self.fall_back();
         let (peer, events) = RtcPeer::new(config).await?;
         let sdp = peer.answer(offer).await?;
         self.peer = Some(peer);
@@ -103,10 +103,13 @@ impl RtcSide {
         self.channel = Some(ChannelSender::new(channel).await);
     }
 
-    /// Gives the connection up (its path failed): it is closed in the
-    /// background and never used again. A channel that lived through an
-    /// outage is not trusted: its SCTP association may sit out retransmission
-    /// backoffs of many seconds; a fresh connection is offered instead.
+    /// Gives the connection up (its path failed, or a new one replaces it):
+    /// it is closed in the background and never used again. Closing one
+    /// that never connected or whose path died can take seconds, and the
+    /// task that drives a session must not stop sending and acknowledging
+    /// meanwhile. A channel that lived through an outage is not trusted
+    /// either: its SCTP association may sit out retransmission backoffs of
+    /// many seconds; a fresh connection is offered instead.
     pub fn fall_back(&mut self) {
         self.channel = None;
         self.events = None;
@@ -144,7 +147,7 @@ impl RtcSide {
         self.peer.as_ref()?.selected_pair().await
     }
 
-    /// Tears the connection down.
+    /// Tears the connection down and waits for it (a session that ends).
     pub async fn close(&mut self) {
         self.channel = None;
         self.events = None;

@@ -1008,7 +1008,7 @@ impl Driver {
             tracing::info!("no peer-to-peer path within the ICE timeout; settled on the relay");
             self.rtc_deadline = None;
             self.settled_on_relay = true;
-            self.rtc.close().await;
+            self.rtc.fall_back();
             self.release_held().await?;
         }
         if self.reoffer_at.is_some_and(|at| at <= now) {
