@@ -43,6 +43,7 @@ fn signed(key: &TokenKey, data: &[u8]) {
         iat: data.len() as u64,
         exp: u64::MAX - data.len() as u64,
         spawn: (data.len() % 2 == 1).then(|| format!("s-{}", data.len())),
+        hive: (data.len() % 4 == 1).then(|| String::from_utf8_lossy(data).into_owned()),
     };
     let token = key.sign(&claims);
     assert_eq!(key.verify(&token, kind).as_ref(), Ok(&claims));
