@@ -53,6 +53,11 @@ fn soak_duration() -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_serving_sessions_for_a_while_leaks_nothing() {
+    // The client's side of a failing round shows with the failure.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("warn,cocoon=info")
+        .try_init();
     let upstream = upstream().await;
     let services = format!("web:{}", upstream.addr.port());
     let mut env = LOOPBACK_RTC_ENV.to_vec();
