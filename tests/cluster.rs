@@ -147,6 +147,18 @@ impl Instance {
         .expect("client authenticates")
     }
 
+    /// A relay session of `owner`'s with `device_id`, through this instance.
+    async fn session(&self, owner: &str, device_id: &DeviceId) -> cocoon::session::client::Session {
+        cocoon::session::client::Session::connect(
+            &self.url(),
+            &self.token(TokenKind::Access, owner),
+            plain_tls(),
+            device_id,
+        )
+        .await
+        .expect("a session through this instance")
+    }
+
     /// Devices connected to this instance.
     fn devices_here(&self) -> usize {
         self.hub.counts().0
@@ -368,14 +380,7 @@ async fn a_terminal_on_one_instance_reaches_a_worker_on_another_over_the_relay()
     let (worker, device_id) = worker_on(b, &setup, worker_dir.path(), &[]).await;
     until_listed(a, "alice", &device_id, true).await;
 
-    let session = cocoon::session::client::Session::connect(
-        &a.url(),
-        &a.token(TokenKind::Access, "alice"),
-        plain_tls(),
-        &device_id,
-    )
-    .await
-    .expect("a session through A");
+    let session = a.session("alice", &device_id).await;
     let mut pty = session
         .attach_pty(attach_request(Some("seq 1 20000")))
         .await
@@ -459,14 +464,7 @@ async fn a_terminal_survives_the_death_of_its_workers_instance() {
     assert_eq!(b.devices_here(), 1, "the worker is on B");
     until_listed(a, "alice", &device_id, true).await;
 
-    let session = cocoon::session::client::Session::connect(
-        &a.url(),
-        &a.token(TokenKind::Access, "alice"),
-        plain_tls(),
-        &device_id,
-    )
-    .await
-    .expect("a session through A");
+    let session = a.session("alice", &device_id).await;
     let paced = "for i in $(seq 1 60); do seq $((i*1000-999)) $((i*1000)); sleep 0.05; done";
     let mut pty = session
         .attach_pty(attach_request(Some(paced)))
