@@ -13,7 +13,6 @@ use cocoon::link::rtc::Path as LinkPath;
 use cocoon_signaling::auth::TokenKind;
 use cocoon_signaling::cluster::NatsOptions;
 use cocoon_signaling::hub::Hub;
-use cocoon_signaling::identity::generate_secret;
 use cocoon_signaling::protocol::{
     DeviceId, ErrorCode, FromServer, HiveKind, Secret, ToServer, UserId,
 };
@@ -520,23 +519,7 @@ async fn register_with(
     instance: &Instance,
     setup_token: &Secret,
 ) -> (RawPeer, DeviceId, Option<ErrorCode>) {
-    let mut device = RawPeer::connect(&instance.url()).await;
-    device
-        .send(&ToServer::Register {
-            secret: generate_secret(),
-            device_id: None,
-            setup_token: Some(setup_token.clone()),
-            name: None,
-        })
-        .await;
-    let mut notice = None;
-    loop {
-        match device.recv().await {
-            Some(FromServer::Error { code, .. }) => notice = Some(code),
-            Some(FromServer::Registered { device_id, .. }) => return (device, device_id, notice),
-            other => panic!("expected registered, got {other:?}"),
-        }
-    }
+    RawPeer::register(&instance.url(), setup_token).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use cocoon::client::Client;
 use cocoon_signaling::auth::TokenKind;
-use cocoon_signaling::identity::generate_secret;
 use cocoon_signaling::protocol::service::{Request, Response};
 use cocoon_signaling::protocol::{
     CocoonInfo, DeviceId, ErrorCode, FromServer, HiveKind, Secret, ToServer,
@@ -74,27 +73,10 @@ async fn register_worker(
     server: &TestServer,
     setup_token: &Secret,
 ) -> (DeviceId, Option<ErrorCode>) {
-    let mut worker = RawPeer::connect(&server.url()).await;
-    worker
-        .send(&ToServer::Register {
-            secret: generate_secret(),
-            device_id: None,
-            setup_token: Some(setup_token.clone()),
-            name: None,
-        })
-        .await;
-    let mut notice = None;
-    loop {
-        match worker.recv().await {
-            Some(FromServer::Error { code, .. }) => notice = Some(code),
-            Some(FromServer::Registered { device_id, .. }) => {
-                // Keep the worker online for the rest of the test.
-                std::mem::forget(worker);
-                return (device_id, notice);
-            }
-            other => panic!("expected registered, got {other:?}"),
-        }
-    }
+    let (worker, device_id, notice) = RawPeer::register(&server.url(), setup_token).await;
+    // Keep the worker online for the rest of the test.
+    std::mem::forget(worker);
+    (device_id, notice)
 }
 
 #[tokio::test]

@@ -421,6 +421,38 @@ impl RawPeer {
         Self { stream }
     }
 
+    /// A protocol-level worker registered with a fresh secret and
+    /// `setup_token`, and the server's notice about the token if it refused
+    /// it.
+    pub async fn register(
+        url: &str,
+        setup_token: &Secret,
+    ) -> (
+        Self,
+        cocoon_signaling::protocol::DeviceId,
+        Option<ErrorCode>,
+    ) {
+        let mut device = Self::connect(url).await;
+        device
+            .send(&ToServer::Register {
+                secret: cocoon_signaling::identity::generate_secret(),
+                device_id: None,
+                setup_token: Some(setup_token.clone()),
+                name: None,
+            })
+            .await;
+        let mut notice = None;
+        loop {
+            match device.recv().await {
+                Some(FromServer::Error { code, .. }) => notice = Some(code),
+                Some(FromServer::Registered { device_id, .. }) => {
+                    return (device, device_id, notice);
+                }
+                other => panic!("expected registered, got {other:?}"),
+            }
+        }
+    }
+
     pub async fn send_text(&mut self, text: impl Into<String>) {
         self.stream.send(Message::text(text.into())).await.unwrap();
     }
