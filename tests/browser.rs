@@ -40,6 +40,12 @@ async fn works_over_the_relay_when_udp_is_blocked() {
 }
 
 #[tokio::test]
+async fn tries_again_when_an_attempt_stalls_above_ice() {
+    let (ns, rig) = setup(&[]).await;
+    drive(&ns, &rig, "stalled").await;
+}
+
+#[tokio::test]
 async fn vim_survives_a_reload() {
     let (ns, rig) = setup(&[]).await;
     drive(&ns, &rig, "vim").await;

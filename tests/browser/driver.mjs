@@ -227,6 +227,35 @@ const scenarios = {
     await screenshot(page, 'relay');
   },
 
+  /**
+   * ICE succeeds but DTLS cannot (datagrams of 300 bytes and more are
+   * dropped, STUN checks are smaller): the page gives the attempt up after a
+   * while and tries again, and takes the path once it works.
+   */
+  async stalled(page) {
+    const rules = ['INPUT', 'OUTPUT'].map((chain) => [
+      chain, '-p', 'udp', '-m', 'length', '--length', '300:65535', '-j', 'DROP',
+    ]);
+    for (const rule of rules) execFileSync('iptables', ['-I', ...rule]);
+    try {
+      await openTerminal(page);
+      await page.waitForFunction(
+        () => /attempt stalled; trying again/.test(document.querySelector('#status').textContent),
+        null,
+        { timeout: WAIT },
+      );
+      assert.equal((await statusPath(page)).path, 'relay');
+      log('the stalled attempt was given up');
+    } finally {
+      for (const rule of rules) execFileSync('iptables', ['-D', ...rule]);
+    }
+    await page.waitForFunction(() => document.querySelector('#status').dataset.path === 'p2p', null, {
+      timeout: WAIT,
+    });
+    await run(page, 'echo through-$((5*5))');
+    await waitForLine(page, 'through-25');
+  },
+
   /** vim opens, survives a reload of the page, and quits cleanly. */
   async vim(page) {
     await openTerminal(page);

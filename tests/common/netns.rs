@@ -94,16 +94,40 @@ impl Netns {
 
     /// Drops all UDP in and out of the namespace (TCP still flows).
     pub fn block_udp(&self) {
-        self.exec(&["iptables", "-I", "INPUT", "-p", "udp", "-j", "DROP"]);
-        self.exec(&["iptables", "-I", "OUTPUT", "-p", "udp", "-j", "DROP"]);
+        self.udp_drop_rule("-I", &[]);
     }
 
     /// Lets UDP through again.
     pub fn unblock_udp(&self) {
-        self.exec(&["iptables", "-D", "INPUT", "-p", "udp", "-j", "DROP"]);
-        self.exec(&["iptables", "-D", "OUTPUT", "-p", "udp", "-j", "DROP"]);
+        self.udp_drop_rule("-D", &[]);
+    }
+
+    /// Drops UDP datagrams of 300 bytes and more (IP length) in and out of
+    /// the namespace: ICE's STUN checks pass, DTLS's certificate flight
+    /// does not.
+    pub fn block_large_udp(&self) {
+        self.udp_drop_rule("-I", LARGE_UDP);
+    }
+
+    /// Lets large UDP datagrams through again.
+    pub fn unblock_large_udp(&self) {
+        self.udp_drop_rule("-D", LARGE_UDP);
+    }
+
+    /// Inserts (`-I`) or deletes (`-D`) a rule dropping UDP, narrowed by
+    /// `matching`, on the way in and out.
+    fn udp_drop_rule(&self, action: &str, matching: &[&str]) {
+        for chain in ["INPUT", "OUTPUT"] {
+            let mut args = vec!["iptables", action, chain, "-p", "udp"];
+            args.extend_from_slice(matching);
+            args.extend_from_slice(&["-j", "DROP"]);
+            self.exec(&args);
+        }
     }
 }
+
+/// The match for [`Netns::block_large_udp`].
+const LARGE_UDP: &[&str] = &["-m", "length", "--length", "300:65535"];
 
 /// Runs a best-effort clean-up command, ignoring whether it worked.
 fn quietly(args: &[&str]) {

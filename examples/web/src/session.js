@@ -30,6 +30,12 @@ const REOFFER_MS = 3000;
  * later, while the ICE timeout leaves time for it.
  */
 const RETRY_MS = 1000;
+/**
+ * An attempt whose data channel has not opened this long after its offer is
+ * given up for a fresh one: ICE may succeed and the DTLS or SCTP handshake
+ * above it still hang, which no connection state reports.
+ */
+const ATTEMPT_MS = 10_000;
 /** A data channel that does not drain for this long is given up. */
 const STALL_MS = 2000;
 /** How long an ICE attempt may take before the session settles on the relay. */
@@ -138,6 +144,7 @@ export class Session extends EventTarget {
     this.remoteDescribed = false;
     this.earlyCandidates = [];
     this.rtcDeadline = null;
+    this.attemptUntil = null;
     this.reofferAt = null;
     this.stallSince = null;
     this.path = { path: 'relay', local: null, remote: null };
@@ -316,6 +323,7 @@ export class Session extends EventTarget {
     this.remoteDescribed = false;
     this.earlyCandidates = [];
     this.rtcDeadline = deadline ?? performance.now() + this.iceTimeoutMs;
+    this.attemptUntil = performance.now() + ATTEMPT_MS;
     pc.onicecandidate = (event) => {
       const c = event.candidate;
       if (pc !== this.pc || !c || !c.candidate) return;
@@ -333,22 +341,17 @@ export class Session extends EventTarget {
       const state = pc.connectionState;
       if ((state === 'failed' || state === 'disconnected' || state === 'closed') && this.channel) {
         this.fallBack(`peer-to-peer connection ${state}`);
-      } else if (
-        state === 'failed' &&
-        this.reofferAt === null &&
-        this.rtcDeadline !== null &&
-        performance.now() + 2 * RETRY_MS < this.rtcDeadline
-      ) {
+      } else if (state === 'failed' && !this.channel) {
         // Checks can fail early (a NAT mapping, a TURN allocation or the
-        // peer's candidates not ready yet): the ICE timeout is for trying.
-        this.notice('peer-to-peer attempt failed; trying again');
-        this.reofferAt = performance.now() + RETRY_MS;
+        // peer's candidates not ready yet).
+        this.retry('failed');
       }
     };
     dc.onopen = () => {
       if (pc !== this.pc) return;
       this.channel = dc;
       this.rtcDeadline = null;
+      this.attemptUntil = null;
       this.stallSince = null;
       this.switchLink();
       this.updatePath();
@@ -374,7 +377,24 @@ export class Session extends EventTarget {
     this.pc = null;
     this.dc = null;
     this.rtcDeadline = null;
+    this.attemptUntil = null;
     if (pc) pc.close();
+  }
+
+  /**
+   * Gives up an attempt that never opened a channel and offers the next one
+   * soon, while the ICE timeout leaves time for it: the timeout is for trying.
+   */
+  retry(why) {
+    this.attemptUntil = null;
+    if (
+      this.reofferAt === null &&
+      this.rtcDeadline !== null &&
+      performance.now() + 2 * RETRY_MS < this.rtcDeadline
+    ) {
+      this.notice(`peer-to-peer attempt ${why}; trying again`);
+      this.reofferAt = performance.now() + RETRY_MS;
+    }
   }
 
   /**
@@ -533,6 +553,9 @@ export class Session extends EventTarget {
     if (this.rtcDeadline !== null && now >= this.rtcDeadline) {
       this.notice('no peer-to-peer path within the ICE timeout; staying on the relay');
       this.closeRtc();
+    }
+    if (!this.channel && this.attemptUntil !== null && now >= this.attemptUntil) {
+      this.retry('stalled');
     }
     if (this.reofferAt !== null && now >= this.reofferAt) {
       this.reofferAt = null;

@@ -30,6 +30,10 @@ const REOFFER_AFTER: Duration = Duration::from_secs(3);
 /// After an attempt fails before it ever worked, the next one starts this
 /// much later, while the ICE timeout leaves time for it.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// An attempt whose data channel has not opened this long after its offer
+/// is given up for a fresh one: ICE may succeed and the DTLS or SCTP
+/// handshake above it still hang, which no connection state reports.
+const ATTEMPT_WITHIN: Duration = Duration::from_secs(10);
 /// Reconnecting to the signaling server: the first try after about this
 /// long, then twice as long each time up to the cap.
 const REJOIN_FIRST: Duration = Duration::from_millis(250);
@@ -202,6 +206,8 @@ pub(super) struct Driver {
     rtc_deadline: Option<Instant>,
     settled_on_relay: bool,
     reoffer_at: Option<Instant>,
+    /// When the current attempt counts as stalled if no channel opened.
+    attempt_until: Option<Instant>,
     /// Peer-to-peer connections offered so far.
     offers: u32,
     /// Commands held in strict mode.
@@ -240,6 +246,7 @@ impl Driver {
             rtc_deadline: None,
             settled_on_relay: false,
             reoffer_at: None,
+            attempt_until: None,
             offers: 0,
             held: Vec::new(),
             ask_ice_at: refresh_ice.map(|after| Instant::now() + after),
@@ -362,6 +369,7 @@ impl Driver {
         self.rtc.fall_back();
         self.rtc_deadline = None;
         self.reoffer_at = None;
+        self.attempt_until = None;
         self.control = ControlStream::new(STREAM_BUFFER);
         self.fail_pending(why);
         self.terminals.retain(|_, terminal| {
@@ -446,6 +454,7 @@ impl Driver {
         };
         let sdp = self.rtc.offer(&config).await?;
         self.offers += 1;
+        self.attempt_until = Some(Instant::now() + ATTEMPT_WITHIN);
         // A retry keeps the first attempt's deadline.
         self.rtc_deadline
             .get_or_insert_with(|| Instant::now() + config.ice_timeout);
@@ -463,6 +472,7 @@ impl Driver {
                 tracing::info!("data channel open; traffic moves to it");
                 self.rtc.opened(channel).await;
                 self.rtc_deadline = None;
+                self.attempt_until = None;
                 self.switch_link(true);
                 self.release_held().await?;
                 self.flush().await
@@ -476,18 +486,10 @@ impl Driver {
                     tracing::info!(?state, "peer connection lost; back to the relay");
                     self.switch_link(false);
                     self.flush().await?;
-                } else if state == S::Failed
-                    && self.rtc.channel().is_none()
-                    && self.reoffer_at.is_none()
-                    && self
-                        .rtc_deadline
-                        .is_some_and(|deadline| deadline > Instant::now() + 2 * RETRY_AFTER)
-                {
+                } else if state == S::Failed && self.rtc.channel().is_none() {
                     // Checks can fail early (a NAT mapping, a TURN allocation
-                    // or the peer's candidates not ready yet): the ICE
-                    // timeout is for trying, so try again.
-                    tracing::info!("peer-to-peer attempt failed; trying again");
-                    self.reoffer_at = Some(Instant::now() + RETRY_AFTER);
+                    // or the peer's candidates not ready yet).
+                    self.retry("failed");
                 }
                 Ok(())
             }
@@ -498,6 +500,22 @@ impl Driver {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Gives up an attempt that never opened a channel and offers the next
+    /// one soon, while the ICE timeout leaves time for it: the timeout is
+    /// for trying.
+    fn retry(&mut self, why: &str) {
+        self.attempt_until = None;
+        let now = Instant::now();
+        if self.reoffer_at.is_none()
+            && self
+                .rtc_deadline
+                .is_some_and(|deadline| deadline > now + 2 * RETRY_AFTER)
+        {
+            tracing::info!("peer-to-peer attempt {why}; trying again");
+            self.reoffer_at = Some(now + RETRY_AFTER);
         }
     }
 
@@ -1007,9 +1025,13 @@ impl Driver {
         if self.rtc_deadline.is_some_and(|deadline| deadline <= now) {
             tracing::info!("no peer-to-peer path within the ICE timeout; settled on the relay");
             self.rtc_deadline = None;
+            self.attempt_until = None;
             self.settled_on_relay = true;
             self.rtc.fall_back();
             self.release_held().await?;
+        }
+        if self.rtc.channel().is_none() && self.attempt_until.is_some_and(|until| until <= now) {
+            self.retry("stalled");
         }
         if self.reoffer_at.is_some_and(|at| at <= now) {
             self.reoffer_at = None;
