@@ -847,3 +847,50 @@ async fn a_hive_registering_on_another_instance_replaces_its_old_connection() {
     drop(new);
     fleet.stop().await;
 }
+
+/// Failed logins count across the fleet: a guesser whose connections a
+/// load balancer spreads over the instances gets no more tries than
+/// against one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_rate_limited_across_the_fleet() {
+    use cocoon_signaling::limit::MAX_FAILURES;
+
+    let fleet = Fleet::start().await;
+    let [a, b, c] = &fleet.instances[..] else {
+        unreachable!("three instances")
+    };
+    for n in 0..MAX_FAILURES {
+        let instance = if n % 2 == 0 { a } else { b };
+        let mut peer = RawPeer::connect(&instance.url()).await;
+        peer.send(&ToServer::Authenticate {
+            access_token: Secret::new(format!("guess-{n}")),
+        })
+        .await;
+        peer.expect_error(ErrorCode::InvalidToken).await;
+    }
+    // Each of A and B saw half of the failures, C none: all refuse now,
+    // even a valid token.
+    for instance in [c, a, b] {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let mut peer = RawPeer::connect(&instance.url()).await;
+            peer.send(&ToServer::Authenticate {
+                access_token: instance.token(TokenKind::Access, "alice"),
+            })
+            .await;
+            match peer.recv().await {
+                Some(FromServer::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }) => break,
+                other => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} still lets the address in: {other:?}",
+                    instance.url()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    fleet.stop().await;
+}

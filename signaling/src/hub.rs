@@ -247,8 +247,17 @@ impl Hub {
         }
     }
 
-    /// Counts a failed registration or authentication of an address.
+    /// Counts a failed registration or authentication of an address, here
+    /// and on the fleet's other instances.
     pub fn record_failure(&self, ip: IpAddr) {
+        self.failures.lock().unwrap().failed(ip);
+        if let Some(cluster) = &self.cluster {
+            cluster.failed(ip);
+        }
+    }
+
+    /// Counts a failure another instance of the fleet saw.
+    pub(crate) fn failed_elsewhere(&self, ip: IpAddr) {
         self.failures.lock().unwrap().failed(ip);
     }
 

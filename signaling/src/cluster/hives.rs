@@ -70,7 +70,7 @@ impl Cluster {
             HiveMail::Ask { owner, .. } | HiveMail::Registered { owner, .. } => owner,
         };
         let payload = Bytes::from(serde_json::to_vec(mail).expect("hive mail serializes"));
-        self.publish(subject(instance), Kind::HiveMail, owner, payload)
+        self.publish(subject(instance), Kind::HiveMail, Some(owner), payload)
     }
 
     /// Uses up a spawn id: true the first time, anywhere in the fleet.

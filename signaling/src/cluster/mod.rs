@@ -20,7 +20,11 @@
 //!   would, with headers naming its kind and the owner it speaks for; the
 //!   receiving instance checks that owner against its own route;
 //! - **hives** (see [`hives`]): requests for a hive on another instance go to
-//!   that instance, and spawn tokens are single-use across the fleet.
+//!   that instance, and spawn tokens are single-use across the fleet;
+//! - **failures** (subject `cocoon.failures`): every failed registration or
+//!   authentication, by source address, so that each instance's rate limit
+//!   counts the whole fleet's (a guesser spread over the instances by a
+//!   load balancer gets no more tries than against one).
 //!
 //! Routing stays local when both ends are on one instance; NATS carries only
 //! what crosses instances.
@@ -30,6 +34,7 @@ pub mod hives;
 pub mod presence;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -53,6 +58,9 @@ pub use presence::{Hold, Presence};
 const CONFIG_BUCKET: &str = "cocoon_config";
 const SALT_KEY: &str = "hmac_salt";
 const TOKEN_KEY: &str = "token_key";
+
+/// Where instances report failed registrations and authentications.
+const FAILURES: &str = "cocoon.failures";
 
 const KIND: &str = "Cocoon-Kind";
 const OWNER: &str = "Cocoon-Owner";
@@ -88,6 +96,8 @@ enum Kind {
     ClientLeft,
     /// A [`HiveMail`] in JSON.
     HiveMail,
+    /// A failed registration or authentication; the payload is the address.
+    Failure,
 }
 
 impl Kind {
@@ -97,6 +107,7 @@ impl Kind {
             Kind::Relay => "relay",
             Kind::ClientLeft => "client_left",
             Kind::HiveMail => "hive_mail",
+            Kind::Failure => "failure",
         }
     }
 
@@ -106,6 +117,7 @@ impl Kind {
             "relay" => Some(Kind::Relay),
             "client_left" => Some(Kind::ClientLeft),
             "hive_mail" => Some(Kind::HiveMail),
+            "failure" => Some(Kind::Failure),
             _ => None,
         }
     }
@@ -136,8 +148,9 @@ pub struct Cluster {
     presence: Presence,
     /// Used spawn ids.
     spawns: kv::Store,
-    /// Mail for this instance's hives, until [`Cluster::start`] reads it.
-    hive_mail: Mutex<Option<async_nats::Subscriber>>,
+    /// Mail for this instance's hives and the fleet's failures, until
+    /// [`Cluster::start`] reads them.
+    inboxes: Mutex<Option<Inboxes>>,
     /// Stops the background tasks (the presence watcher and heartbeat).
     stop: CancellationToken,
 }
@@ -186,10 +199,16 @@ impl Cluster {
         )
         .await?;
         let instance = format!("i-{}", random_hex(8));
-        let hive_mail = client
-            .subscribe(hives::subject(&instance))
-            .await
-            .context("cannot subscribe to hive mail")?;
+        let inboxes = Inboxes {
+            hive_mail: client
+                .subscribe(hives::subject(&instance))
+                .await
+                .context("cannot subscribe to hive mail")?,
+            failures: client
+                .subscribe(FAILURES)
+                .await
+                .context("cannot subscribe to failures")?,
+        };
         tracing::info!(%instance, url = %options.url, "joined the NATS fleet");
         let stop = CancellationToken::new();
         let (publish, queue) = mpsc::channel(PUBLISH_QUEUE);
@@ -200,7 +219,7 @@ impl Cluster {
             instance,
             presence,
             spawns,
-            hive_mail: Mutex::new(Some(hive_mail)),
+            inboxes: Mutex::new(Some(inboxes)),
             stop,
         });
         Ok(Joined {
@@ -216,33 +235,70 @@ impl Cluster {
         &self.instance
     }
 
-    /// Starts mirroring presence and beating the heartbeat; `hub` is told
-    /// about devices appearing and vanishing elsewhere.
+    /// Starts mirroring presence and beating the heartbeat, and reading hive
+    /// mail and the fleet's failures; `hub` is told about devices appearing
+    /// and vanishing elsewhere.
     pub fn start(self: &Arc<Self>, hub: Weak<Hub>) {
-        if let Some(mut mail) = self.hive_mail.lock().unwrap().take() {
-            let (hub, stop) = (hub.clone(), self.stop.clone());
-            tokio::spawn(async move {
-                loop {
-                    let message = tokio::select! {
-                        _ = stop.cancelled() => break,
-                        message = mail.next() => match message {
-                            Some(message) => message,
-                            None => break,
-                        },
-                    };
-                    let Some(mail) = hives::decode(&message) else {
-                        tracing::debug!("ignored malformed hive mail");
-                        continue;
-                    };
-                    match hub.upgrade() {
-                        Some(hub) => hub.hive_mail(mail),
-                        None => break,
-                    }
-                }
-            });
+        if let Some(inboxes) = self.inboxes.lock().unwrap().take() {
+            self.deliver(
+                inboxes.hive_mail,
+                hub.clone(),
+                hives::decode,
+                Hub::hive_mail,
+            );
+            let instance = self.instance.clone();
+            let failure = move |message: &async_nats::Message| failure(message, &instance);
+            self.deliver(
+                inboxes.failures,
+                hub.clone(),
+                failure,
+                Hub::failed_elsewhere,
+            );
         }
         self.presence
             .start(self.instance.clone(), hub, self.stop.clone());
+    }
+
+    /// Hands what arrives on `subscriber` to the hub, as `decode` reads it
+    /// (what it cannot read is dropped), until the instance leaves.
+    fn deliver<T: 'static>(
+        &self,
+        mut subscriber: async_nats::Subscriber,
+        hub: Weak<Hub>,
+        decode: impl Fn(&async_nats::Message) -> Option<T> + Send + 'static,
+        handle: fn(&Hub, T),
+    ) {
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    message = subscriber.next() => match message {
+                        Some(message) => message,
+                        None => break,
+                    },
+                };
+                let Some(item) = decode(&message) else {
+                    continue;
+                };
+                match hub.upgrade() {
+                    Some(hub) => handle(&hub, item),
+                    None => break,
+                }
+            }
+        });
+    }
+
+    /// Tells the other instances that `ip` failed to register or
+    /// authenticate here (dropped when NATS is not keeping up).
+    pub fn failed(&self, ip: IpAddr) {
+        let payload = Bytes::from(ip.to_string());
+        if self
+            .publish(FAILURES.to_owned(), Kind::Failure, None, payload)
+            .is_err()
+        {
+            tracing::debug!("a failure report dropped: the NATS queue is full");
+        }
     }
 
     /// The presence mirror.
@@ -362,7 +418,7 @@ impl Cluster {
         let payload = Bytes::from(client_id.to_string());
         let subject = format!("cocoon.device.{device_id}");
         if self
-            .publish(subject, Kind::ClientLeft, owner, payload)
+            .publish(subject, Kind::ClientLeft, Some(owner), payload)
             .is_err()
         {
             tracing::warn!(%device_id, "client_left dropped: the NATS queue is full");
@@ -378,21 +434,23 @@ impl Cluster {
             Outbound::Binary(bytes) => (Kind::Relay, bytes.clone()),
             Outbound::Close(_) => return Ok(()),
         };
-        self.publish(subject, kind, owner, payload)
+        self.publish(subject, kind, Some(owner), payload)
     }
 
     /// Queues a message for the publishing task without waiting; a full
-    /// queue drops it, as a full outbox does.
+    /// queue drops it, as a full outbox does. `owner` is whom it speaks for.
     fn publish(
         &self,
         subject: String,
         kind: Kind,
-        owner: &UserId,
+        owner: Option<&UserId>,
         payload: Bytes,
     ) -> Result<(), Backlogged> {
         let mut headers = HeaderMap::new();
         headers.insert(KIND, kind.as_str());
-        headers.insert(OWNER, owner.as_str());
+        if let Some(owner) = owner {
+            headers.insert(OWNER, owner.as_str());
+        }
         headers.insert(FROM, self.instance.as_str());
         self.publish
             .try_send(Publish {
@@ -517,8 +575,26 @@ fn inbound(message: &async_nats::Message, owner: Option<&UserId>) -> Option<Outb
                 client_id: ClientId::new(client_id),
             }))
         }
-        Kind::HiveMail => None,
+        Kind::HiveMail | Kind::Failure => None,
     }
+}
+
+/// The subscriptions an instance reads for the hub rather than for a peer.
+struct Inboxes {
+    hive_mail: async_nats::Subscriber,
+    failures: async_nats::Subscriber,
+}
+
+/// The address in another instance's failure report (`None` for this
+/// instance's own reports, which NATS echoes back, and malformed ones).
+fn failure(message: &async_nats::Message, instance: &str) -> Option<IpAddr> {
+    let headers = message.headers.as_ref()?;
+    if Kind::parse(headers.get(KIND)?.as_str())? != Kind::Failure
+        || headers.get(FROM)?.as_str() == instance
+    {
+        return None;
+    }
+    std::str::from_utf8(&message.payload).ok()?.parse().ok()
 }
 
 /// Where a bucket's entries live, and for how long.
