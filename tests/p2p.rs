@@ -7,6 +7,7 @@ use std::time::Duration;
 use cocoon::link::rtc::Path;
 use cocoon::session::client::PtyEvent;
 use cocoon_signaling::protocol::service::{ProxyHttp, Request, Response};
+use common::netns::Netns;
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,8 +126,6 @@ const PACED_SEQ: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stream_survives_switching_paths_both_ways() {
-    use common::netns::Netns;
-
     let ns = Netns::create();
     let rig = Rig::start_in(&ns, &[]).await;
     let rtc = netns_rtc(&ns);
@@ -189,8 +188,6 @@ async fn a_long_stream_survives_switching_paths_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_udp_blocked_the_relay_serves_from_the_first_keystroke() {
-    use common::netns::Netns;
-
     let ns = Netns::create();
     ns.block_udp();
     let rig = Rig::start_in(&ns, &[]).await;
@@ -250,8 +247,6 @@ async fn a_strict_client_sends_its_terminal_over_the_data_channel_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strict_worker_serves_the_relay_only_after_the_ice_timeout() {
-    use common::netns::Netns;
-
     let ns = Netns::create();
     ns.block_udp();
     let rig = Rig::start_in(
@@ -290,8 +285,6 @@ async fn run_in(pty: &mut cocoon::session::client::Pty, command: &str, needle: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_direct_path_falls_back_and_comes_back() {
-    use common::netns::Netns;
-
     let ns = Netns::create();
     let rig = Rig::start_in(&ns, &[]).await;
     let session = rig.rtc_session(netns_rtc(&ns)).await;
@@ -318,21 +311,7 @@ async fn a_cut_direct_path_falls_back_and_comes_back() {
 /// used long before the timeout would have settled on the relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_first_attempt_is_tried_again_within_the_ice_timeout() {
-    use common::netns::Netns;
-
-    let ns = Netns::create();
-    ns.block_udp();
-    let rig = Rig::start_in(&ns, &[]).await;
-    let mut rtc = netns_rtc(&ns);
-    rtc.ice_timeout = Duration::from_secs(60);
-    let session = rig.rtc_session(rtc).await;
-    wait_second_attempt(&session).await;
-    ns.unblock_udp();
-    session
-        .wait_for_path(Path::Direct, Duration::from_secs(30))
-        .await
-        .unwrap();
-    assert!(!session.path().await.unwrap().settled_on_relay);
+    tried_again_after(Netns::block_udp, Netns::unblock_udp).await;
 }
 
 /// ICE can succeed and a handshake above it still hang — here every
@@ -342,30 +321,26 @@ async fn a_failed_first_attempt_is_tried_again_within_the_ice_timeout() {
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_stuck_above_ice_is_tried_again() {
-    use common::netns::Netns;
+    tried_again_after(Netns::block_large_udp, Netns::unblock_large_udp).await;
+}
 
+/// With the worker's namespace hampered by `block`, the client's first
+/// attempt goes nowhere; it must make a second one (30 s at most, on the
+/// relay until then), which takes the direct path once `unblock` lifts the
+/// hindrance — long before the ICE timeout would have settled on the relay.
+async fn tried_again_after(block: fn(&Netns), unblock: fn(&Netns)) {
     let ns = Netns::create();
-    ns.block_large_udp();
+    block(&ns);
     let rig = Rig::start_in(&ns, &[]).await;
     let mut rtc = netns_rtc(&ns);
     rtc.ice_timeout = Duration::from_secs(60);
     let session = rig.rtc_session(rtc).await;
-    wait_second_attempt(&session).await;
-    ns.unblock_large_udp();
-    session
-        .wait_for_path(Path::Direct, Duration::from_secs(30))
-        .await
-        .unwrap();
-}
-
-/// Waits (30 s at most) for the client's second offer, on the relay until then.
-async fn wait_second_attempt(session: &cocoon::session::client::Session) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let status = session.path().await.unwrap();
         assert_eq!(status.path, Path::Relay);
         if status.offers >= 2 {
-            return;
+            break;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -373,6 +348,12 @@ async fn wait_second_attempt(session: &cocoon::session::client::Session) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    unblock(&ns);
+    session
+        .wait_for_path(Path::Direct, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(!session.path().await.unwrap().settled_on_relay);
 }
 
 /// Polls the session until it reports that it settled on the relay.
