@@ -508,18 +508,9 @@ async fn a_terminal_survives_the_death_of_its_workers_instance() {
 /// A protocol-level worker registered on `instance` for `owner`.
 async fn register_raw(instance: &Instance, owner: &str) -> (RawPeer, DeviceId) {
     let (device, device_id, notice) =
-        register_with(instance, &instance.token(TokenKind::Setup, owner)).await;
+        RawPeer::register(&instance.url(), &instance.token(TokenKind::Setup, owner)).await;
     assert_eq!(notice, None, "the setup token claims the device");
     (device, device_id)
-}
-
-/// A protocol-level worker registered with `setup_token`, and the server's
-/// notice about the token, if it refused it.
-async fn register_with(
-    instance: &Instance,
-    setup_token: &Secret,
-) -> (RawPeer, DeviceId, Option<ErrorCode>) {
-    RawPeer::register(&instance.url(), setup_token).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,7 +693,7 @@ async fn a_hive_on_one_instance_serves_clients_on_the_others() {
     };
     // Its worker registers on C: claimed by alice, and the hive on A hears
     // which device that was.
-    let (_worker, device_id, notice) = register_with(c, &setup_token).await;
+    let (_worker, device_id, notice) = RawPeer::register(&c.url(), &setup_token).await;
     assert_eq!(notice, None);
     match hive.recv().await {
         Some(FromServer::CocoonRegistered {
@@ -716,7 +707,7 @@ async fn a_hive_on_one_instance_serves_clients_on_the_others() {
     }
     until_listed(b, "alice", &device_id, true).await;
     // The token is spent on every instance: on B it claims nothing more.
-    let (_thief, other_id, notice) = register_with(b, &setup_token).await;
+    let (_thief, other_id, notice) = RawPeer::register(&b.url(), &setup_token).await;
     assert_eq!(notice, Some(ErrorCode::InvalidToken));
     let listed = alice.list_devices().await.unwrap();
     assert!(listed.iter().all(|d| d.device_id != other_id), "{listed:?}");
